@@ -1,0 +1,216 @@
+"""The test oracle: Gaussian-mixture data has an exact score at every t (math.md section 7).
+
+If p_0 = sum_k pi_k N(mu_k, Sigma_k) and q(x_t | x_0) = N(gamma_t x_0, sigma_t^2 I), then
+
+    p_t = sum_k pi_k N(gamma_t mu_k, C_k(t)),   C_k(t) = gamma_t^2 Sigma_k + sigma_t^2 I.
+
+Each Sigma_k = U_k diag(d_k) U_k^T is diagonalised once, so for every t
+C_k(t)^{-1} = U_k diag(1 / (gamma_t^2 d_k + sigma_t^2)) U_k^T and log det C_k(t) are O(D) per
+sample once x is projected: the oracle stays cheap for thousands of samples in dimension 64.
+
+`GaussianMixture.score_fn(sde)` is an ordinary score_fn(x, t), so every solver, metric,
+likelihood and guidance routine is tested with it exactly as a trained network would be used:
+with zero network error, what remains is the method's own error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ._tensor import append_dims
+from .sde import SDE, ScoreFn
+
+__all__ = ["GaussianMixture"]
+
+
+class GaussianMixture:
+    """p_0 = sum_k weights_k N(means_k, covs_k) in dimension D, with x of shape (batch, *dims).
+
+    weights: (K,) positive (normalised here); means: (K, D); covs: (K, D, D) symmetric positive
+    definite, or (K, D) for diagonal covariances, or a scalar variance shared by all. `dims`
+    gives the data shape (prod(dims) = D); by default (D,).
+    """
+
+    def __init__(
+        self,
+        weights: Sequence[float] | Tensor,
+        means: Sequence[Sequence[float]] | Tensor,
+        covs: Tensor | float,
+        dims: Sequence[int] | None = None,
+        dtype: torch.dtype = torch.float64,
+    ):
+        w = torch.as_tensor(weights, dtype=dtype).flatten()
+        mu = torch.as_tensor(means, dtype=dtype)
+        if mu.ndim != 2 or mu.shape[0] != w.numel():
+            raise ValueError(f"means must have shape (K, D) with K = {w.numel()}, got {tuple(mu.shape)}")
+        if not bool(torch.isfinite(w).all()) or bool((w <= 0).any()):
+            raise ValueError(f"weights must be positive and finite, got {w.tolist()}")
+        K, D = mu.shape
+        cov = torch.as_tensor(covs, dtype=dtype)
+        if cov.ndim == 0:
+            cov = cov * torch.eye(D, dtype=dtype).expand(K, D, D)
+        elif cov.shape == (K, D):
+            cov = torch.diag_embed(cov)
+        if cov.shape != (K, D, D):
+            raise ValueError(f"covs must be a scalar, (K, D) or (K, D, D) = ({K}, {D}, {D}), got {tuple(cov.shape)}")
+        if not torch.allclose(cov, cov.transpose(-1, -2)):
+            raise ValueError("covariances must be symmetric")
+        evals, evecs = torch.linalg.eigh(cov)
+        if bool((evals <= 0).any()):
+            raise ValueError(f"covariances must be positive definite; smallest eigenvalue {evals.min().item():.3g}")
+        self.dims = tuple(dims) if dims is not None else (D,)
+        if math.prod(self.dims) != D:
+            raise ValueError(f"dims {self.dims} do not multiply to D = {D}")
+        self.weights, self.means, self.covs = w / w.sum(), mu, cov
+        self._evals, self._evecs = evals, evecs
+
+    @property
+    def num_components(self) -> int:
+        return self.weights.numel()
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    @classmethod
+    def gaussian(cls, mean: Tensor | Sequence[float], cov: Tensor | float, **kwargs) -> GaussianMixture:
+        """A single Gaussian N(mean, cov) (cov a (D, D) matrix, a (D,) diagonal or a scalar)."""
+        mean = torch.as_tensor(mean, dtype=kwargs.get("dtype", torch.float64)).flatten()
+        cov = torch.as_tensor(cov, dtype=mean.dtype)
+        return cls([1.0], mean[None], cov if cov.ndim == 0 else cov[None], **kwargs)
+
+    @classmethod
+    def ring(cls, k: int = 8, radius: float = 4.0, std: float = 0.5, dim: int = 2) -> GaussianMixture:
+        """k isotropic components evenly spaced on a circle in the first two coordinates."""
+        angle = torch.arange(k, dtype=torch.float64) * (2 * math.pi / k)
+        means = torch.zeros(k, dim, dtype=torch.float64)
+        means[:, 0], means[:, 1] = radius * torch.cos(angle), radius * torch.sin(angle)
+        return cls(torch.ones(k), means, std**2)
+
+    @classmethod
+    def random(
+        cls, k: int, dim: int, generator: torch.Generator | None = None, scale: float = 3.0
+    ) -> GaussianMixture:
+        """k components with random means, full random covariances and random weights."""
+        g = generator
+        w = torch.rand(k, generator=g, dtype=torch.float64) + 0.5
+        means = scale * torch.randn(k, dim, generator=g, dtype=torch.float64)
+        a = torch.randn(k, dim, dim, generator=g, dtype=torch.float64) / math.sqrt(dim)
+        covs = 0.3 * (a @ a.transpose(-1, -2)) + 0.1 * torch.eye(dim, dtype=torch.float64)
+        return cls(w, means, covs)
+
+    # ---- sampling -------------------------------------------------------------------------
+
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        return_labels: bool = False,
+        component: int | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """n samples from p_0 (float64, shape (n, *dims)); optionally their component labels."""
+        if component is None:
+            labels = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        else:
+            labels = torch.full((n,), component, dtype=torch.long)
+        z = torch.randn(n, self.dim, generator=generator, dtype=self.means.dtype)
+        root = self._evecs[labels] * self._evals[labels].sqrt()[:, None, :]  # U diag(sqrt d)
+        x = (self.means[labels] + (root @ z[..., None])[..., 0]).reshape(n, *self.dims)
+        return (x, labels) if return_labels else x
+
+    def sample_t(self, n: int, t: float | Tensor, sde: SDE, generator: torch.Generator | None = None) -> Tensor:
+        """n samples from p_t: perturb samples of p_0 with the SDE's kernel."""
+        x0 = self.sample(n, generator)
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+        return sde.perturb(x0, torch.as_tensor(t, dtype=x0.dtype), noise)
+
+    # ---- exact densities and scores ----------------------------------------------------------
+
+    def _moments(self, x: Tensor, t: Tensor | float, sde: SDE) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-sample/component projected residuals r = U^T (x - gamma mu), variances v and log N."""
+        x = x.reshape(x.shape[0], -1)
+        if x.shape[1] != self.dim:
+            raise ValueError(f"x has {x.shape[1]} features per sample, the mixture has D = {self.dim}")
+        t = sde.time(t, x)
+        gamma, sigma = sde.marginal(t)
+        gamma, sigma = gamma.expand(x.shape[0]), sigma.expand(x.shape[0])
+        evals, evecs, means = (a.to(x.device, x.dtype) for a in (self._evals, self._evecs, self.means))
+        diff = x[:, None, :] - gamma[:, None, None] * means[None]  # (B, K, D)
+        r = torch.einsum("kdj,bkd->bkj", evecs, diff)  # coordinates in each eigenbasis
+        v = gamma[:, None, None] ** 2 * evals[None] + sigma[:, None, None] ** 2  # (B, K, D)
+        log_n = -0.5 * ((r * r / v).sum(-1) + torch.log(v).sum(-1) + self.dim * math.log(2 * math.pi))
+        return r, v, log_n
+
+    def _log_joint(self, x: Tensor, t: Tensor | float, sde: SDE) -> tuple[Tensor, Tensor, Tensor]:
+        r, v, log_n = self._moments(x, t, sde)
+        return r, v, log_n + torch.log(self.weights.to(x.device, x.dtype))
+
+    def log_prob(self, x: Tensor, t: Tensor | float, sde: SDE) -> Tensor:
+        """Exact log p_t(x), one value per sample."""
+        return torch.logsumexp(self._log_joint(x, t, sde)[2], dim=1)
+
+    def responsibilities(self, x: Tensor, t: Tensor | float, sde: SDE) -> Tensor:
+        """Exact p_t(k | x), shape (batch, K): the Bayes-optimal classifier on noisy data."""
+        return torch.softmax(self._log_joint(x, t, sde)[2], dim=1)
+
+    def score(self, x: Tensor, t: Tensor | float, sde: SDE, component: Tensor | int | None = None) -> Tensor:
+        """Exact grad_x log p_t(x); with `component`, the score of that component alone
+        (the class-conditional score grad log p_t(x | y = component))."""
+        r, v, log_joint = self._log_joint(x, t, sde)
+        evecs = self._evecs.to(x.device, x.dtype)
+        comp_scores = -torch.einsum("kdj,bkj->bkd", evecs, r / v)  # -C_k^{-1}(x - gamma mu_k)
+        if component is None:
+            s = (torch.softmax(log_joint, dim=1)[..., None] * comp_scores).sum(1)
+        else:
+            idx = torch.as_tensor(component, device=x.device).expand(x.shape[0])
+            s = comp_scores[torch.arange(x.shape[0], device=x.device), idx]
+        return s.reshape(x.shape)
+
+    def score_fn(self, sde: SDE, component: Tensor | int | None = None) -> ScoreFn:
+        """The exact score as a score_fn(x, t): a drop-in stand-in for a trained network."""
+
+        def score_fn(x: Tensor, t: Tensor) -> Tensor:
+            return self.score(x, t, sde, component)
+
+        return score_fn
+
+    def eps_fn(self, sde: SDE) -> ScoreFn:
+        """The exact noise prediction eps*(x, t) = -sigma_t score(x, t)."""
+
+        def eps_fn(x: Tensor, t: Tensor) -> Tensor:
+            t = sde.time(t, x)
+            return -append_dims(sde.marginal(t)[1], x.ndim) * self.score(x, t, sde)
+
+        return eps_fn
+
+    # ---- closed forms for a single Gaussian ----------------------------------------------------
+
+    def marginal_moments(self, t: float | Tensor, sde: SDE) -> tuple[Tensor, Tensor]:
+        """Mean (D,) and covariance (D, D) of p_t (for a mixture, of the whole mixture)."""
+        gamma, sigma = (a.to(self.means.dtype) for a in sde.marginal(torch.as_tensor(t, dtype=self.means.dtype)))
+        mean_k = gamma * self.means
+        mean = (self.weights[:, None] * mean_k).sum(0)
+        cov_k = gamma**2 * self.covs + sigma**2 * torch.eye(self.dim, dtype=self.means.dtype)
+        dev = mean_k - mean
+        cov = (self.weights[:, None, None] * (cov_k + dev[:, :, None] * dev[:, None, :])).sum(0)
+        return mean, cov
+
+    def pf_ode_solution(self, x_s: Tensor, s: float, t: float, sde: SDE) -> Tensor:
+        """The exact probability-flow ODE map from time s to time t, for a single Gaussian.
+
+        With a Gaussian p_0 the PF-ODE is linear: in the eigenbasis of Sigma each coordinate's
+        (x - gamma mu) / sqrt(gamma^2 d + sigma^2) is constant along trajectories.
+        """
+        if self.num_components != 1:
+            raise ValueError("pf_ode_solution is exact only for a single Gaussian (K = 1)")
+        flat = x_s.reshape(x_s.shape[0], -1)
+        dtype, dev = flat.dtype, flat.device
+        U, d, mu = (a.to(dev, dtype) for a in (self._evecs[0], self._evals[0], self.means[0]))
+        (gs, ss), (gt, st) = (sde.marginal(torch.as_tensor(u, dtype=dtype, device=dev)) for u in (s, t))
+        scale = torch.sqrt((gt**2 * d + st**2) / (gs**2 * d + ss**2))
+        z = (flat - gs * mu) @ U
+        return ((z * scale) @ U.T + gt * mu).reshape(x_s.shape)
