@@ -42,7 +42,9 @@ def as_time(
             device=None if x is None else x.device,
         )
     if t.ndim > 1:
-        raise ValueError(f"{name} must be a scalar or a 1-D tensor of shape (batch,), got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must be a scalar or a 1-D tensor of shape (batch,), got shape {tuple(t.shape)}"
+        )
     if x is not None and t.ndim == 1 and (x.ndim == 0 or t.shape[0] != x.shape[0]):
         raise ValueError(
             f"{name} has shape {tuple(t.shape)} but x has shape {tuple(x.shape)}: "

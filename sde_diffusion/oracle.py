@@ -46,7 +46,9 @@ class GaussianMixture:
         w = torch.as_tensor(weights, dtype=dtype).flatten()
         mu = torch.as_tensor(means, dtype=dtype)
         if mu.ndim != 2 or mu.shape[0] != w.numel():
-            raise ValueError(f"means must have shape (K, D) with K = {w.numel()}, got {tuple(mu.shape)}")
+            raise ValueError(
+                f"means must have shape (K, D) with K = {w.numel()}, got {tuple(mu.shape)}"
+            )
         if not bool(torch.isfinite(w).all()) or bool((w <= 0).any()):
             raise ValueError(f"weights must be positive and finite, got {w.tolist()}")
         K, D = mu.shape
@@ -56,12 +58,16 @@ class GaussianMixture:
         elif cov.shape == (K, D):
             cov = torch.diag_embed(cov)
         if cov.shape != (K, D, D):
-            raise ValueError(f"covs must be a scalar, (K, D) or (K, D, D) = ({K}, {D}, {D}), got {tuple(cov.shape)}")
+            raise ValueError(
+                f"covs must be a scalar, (K, D) or (K, D, D) = ({K}, {D}, {D}), got {tuple(cov.shape)}"
+            )
         if not torch.allclose(cov, cov.transpose(-1, -2)):
             raise ValueError("covariances must be symmetric")
         evals, evecs = torch.linalg.eigh(cov)
         if bool((evals <= 0).any()):
-            raise ValueError(f"covariances must be positive definite; smallest eigenvalue {evals.min().item():.3g}")
+            raise ValueError(
+                f"covariances must be positive definite; smallest eigenvalue {evals.min().item():.3g}"
+            )
         self.dims = tuple(dims) if dims is not None else (D,)
         if math.prod(self.dims) != D:
             raise ValueError(f"dims {self.dims} do not multiply to D = {D}")
@@ -77,14 +83,18 @@ class GaussianMixture:
         return self.means.shape[1]
 
     @classmethod
-    def gaussian(cls, mean: Tensor | Sequence[float], cov: Tensor | float, **kwargs) -> GaussianMixture:
+    def gaussian(
+        cls, mean: Tensor | Sequence[float], cov: Tensor | float, **kwargs
+    ) -> GaussianMixture:
         """A single Gaussian N(mean, cov) (cov a (D, D) matrix, a (D,) diagonal or a scalar)."""
         mean = torch.as_tensor(mean, dtype=kwargs.get("dtype", torch.float64)).flatten()
         cov = torch.as_tensor(cov, dtype=mean.dtype)
         return cls([1.0], mean[None], cov if cov.ndim == 0 else cov[None], **kwargs)
 
     @classmethod
-    def ring(cls, k: int = 8, radius: float = 4.0, std: float = 0.5, dim: int = 2) -> GaussianMixture:
+    def ring(
+        cls, k: int = 8, radius: float = 4.0, std: float = 0.5, dim: int = 2
+    ) -> GaussianMixture:
         """k isotropic components evenly spaced on a circle in the first two coordinates."""
         angle = torch.arange(k, dtype=torch.float64) * (2 * math.pi / k)
         means = torch.zeros(k, dim, dtype=torch.float64)
@@ -122,7 +132,9 @@ class GaussianMixture:
         x = (self.means[labels] + (root @ z[..., None])[..., 0]).reshape(n, *self.dims)
         return (x, labels) if return_labels else x
 
-    def sample_t(self, n: int, t: float | Tensor, sde: SDE, generator: torch.Generator | None = None) -> Tensor:
+    def sample_t(
+        self, n: int, t: float | Tensor, sde: SDE, generator: torch.Generator | None = None
+    ) -> Tensor:
         """n samples from p_t: perturb samples of p_0 with the SDE's kernel."""
         x0 = self.sample(n, generator)
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
@@ -134,15 +146,21 @@ class GaussianMixture:
         """Per-sample/component projected residuals r = U^T (x - gamma mu), variances v and log N."""
         x = x.reshape(x.shape[0], -1)
         if x.shape[1] != self.dim:
-            raise ValueError(f"x has {x.shape[1]} features per sample, the mixture has D = {self.dim}")
+            raise ValueError(
+                f"x has {x.shape[1]} features per sample, the mixture has D = {self.dim}"
+            )
         t = sde.time(t, x)
         gamma, sigma = sde.marginal(t)
         gamma, sigma = gamma.expand(x.shape[0]), sigma.expand(x.shape[0])
-        evals, evecs, means = (a.to(x.device, x.dtype) for a in (self._evals, self._evecs, self.means))
+        evals, evecs, means = (
+            a.to(x.device, x.dtype) for a in (self._evals, self._evecs, self.means)
+        )
         diff = x[:, None, :] - gamma[:, None, None] * means[None]  # (B, K, D)
         r = torch.einsum("kdj,bkd->bkj", evecs, diff)  # coordinates in each eigenbasis
         v = gamma[:, None, None] ** 2 * evals[None] + sigma[:, None, None] ** 2  # (B, K, D)
-        log_n = -0.5 * ((r * r / v).sum(-1) + torch.log(v).sum(-1) + self.dim * math.log(2 * math.pi))
+        log_n = -0.5 * (
+            (r * r / v).sum(-1) + torch.log(v).sum(-1) + self.dim * math.log(2 * math.pi)
+        )
         return r, v, log_n
 
     def _log_joint(self, x: Tensor, t: Tensor | float, sde: SDE) -> tuple[Tensor, Tensor, Tensor]:
@@ -157,7 +175,9 @@ class GaussianMixture:
         """Exact p_t(k | x), shape (batch, K): the Bayes-optimal classifier on noisy data."""
         return torch.softmax(self._log_joint(x, t, sde)[2], dim=1)
 
-    def score(self, x: Tensor, t: Tensor | float, sde: SDE, component: Tensor | int | None = None) -> Tensor:
+    def score(
+        self, x: Tensor, t: Tensor | float, sde: SDE, component: Tensor | int | None = None
+    ) -> Tensor:
         """Exact grad_x log p_t(x); with `component`, the score of that component alone
         (the class-conditional score grad log p_t(x | y = component))."""
         r, v, log_joint = self._log_joint(x, t, sde)
@@ -191,7 +211,9 @@ class GaussianMixture:
 
     def marginal_moments(self, t: float | Tensor, sde: SDE) -> tuple[Tensor, Tensor]:
         """Mean (D,) and covariance (D, D) of p_t (for a mixture, of the whole mixture)."""
-        gamma, sigma = (a.to(self.means.dtype) for a in sde.marginal(torch.as_tensor(t, dtype=self.means.dtype)))
+        gamma, sigma = (
+            a.to(self.means.dtype) for a in sde.marginal(torch.as_tensor(t, dtype=self.means.dtype))
+        )
         mean_k = gamma * self.means
         mean = (self.weights[:, None] * mean_k).sum(0)
         cov_k = gamma**2 * self.covs + sigma**2 * torch.eye(self.dim, dtype=self.means.dtype)
@@ -210,7 +232,9 @@ class GaussianMixture:
         flat = x_s.reshape(x_s.shape[0], -1)
         dtype, dev = flat.dtype, flat.device
         U, d, mu = (a.to(dev, dtype) for a in (self._evecs[0], self._evals[0], self.means[0]))
-        (gs, ss), (gt, st) = (sde.marginal(torch.as_tensor(u, dtype=dtype, device=dev)) for u in (s, t))
+        (gs, ss), (gt, st) = (
+            sde.marginal(torch.as_tensor(u, dtype=dtype, device=dev)) for u in (s, t)
+        )
         scale = torch.sqrt((gt**2 * d + st**2) / (gs**2 * d + ss**2))
         z = (flat - gs * mu) @ U
         return ((z * scale) @ U.T + gt * mu).reshape(x_s.shape)

@@ -98,11 +98,15 @@ def model_score_fn(
     """
     _check_kind(prediction)
     if time_input not in TIME_INPUTS:
-        raise ValueError(f"unknown time_input {time_input!r}; valid choices: {', '.join(TIME_INPUTS)}")
+        raise ValueError(
+            f"unknown time_input {time_input!r}; valid choices: {', '.join(TIME_INPUTS)}"
+        )
     if time_input == "index":
         if num_train_timesteps is None:
             if not isinstance(sde, DiscreteVPSDE):
-                raise ValueError("time_input='index' needs num_train_timesteps unless the SDE is a DiscreteVPSDE")
+                raise ValueError(
+                    "time_input='index' needs num_train_timesteps unless the SDE is a DiscreteVPSDE"
+                )
             num_train_timesteps = sde.N
         steps_per_unit = num_train_timesteps / sde.T
     kwargs = dict(model_kwargs or {})

@@ -26,8 +26,9 @@ ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
 __all__ = [
     "SDE",
-    "VPSDE",
+    "SDE_NAMES",
     "VESDE",
+    "VPSDE",
     "CosineVPSDE",
     "DiscreteSchedule",
     "DiscreteVPSDE",
@@ -35,7 +36,6 @@ __all__ = [
     "SubVPSDE",
     "VPFamilySDE",
     "get_sde",
-    "SDE_NAMES",
 ]
 
 
@@ -104,7 +104,11 @@ class SDE(ABC):
 
     def t_from_log_snr(self, lam: Tensor | float) -> Tensor:
         """The time t with log_snr(t) = lam (closed form for every SDE here)."""
-        lam = torch.as_tensor(lam, dtype=torch.get_default_dtype()) if not isinstance(lam, Tensor) else lam
+        lam = (
+            torch.as_tensor(lam, dtype=torch.get_default_dtype())
+            if not isinstance(lam, Tensor)
+            else lam
+        )
         if lam.device.type == "cpu" and bool(torch.isnan(lam).any()):
             raise ValueError("lambda must not be NaN")
         return self._t_from_log_snr(lam)
@@ -129,7 +133,9 @@ class SDE(ABC):
     def perturb(self, x0: Tensor, t: Tensor | float, noise: Tensor) -> Tensor:
         """x_t = gamma_t x_0 + sigma_t noise (reparametrised sample of the kernel)."""
         if noise.shape != x0.shape:
-            raise ValueError(f"noise has shape {tuple(noise.shape)}, x0 has shape {tuple(x0.shape)}")
+            raise ValueError(
+                f"noise has shape {tuple(noise.shape)}, x0 has shape {tuple(x0.shape)}"
+            )
         gamma, sigma = self.marginal(self.time(t, x0))
         return append_dims(gamma, x0.ndim) * x0 + append_dims(sigma, x0.ndim) * noise
 
@@ -312,7 +318,9 @@ class DiscreteVPSDE(VPFamilySDE):
         if b.numel() < 1:
             raise ValueError("betas must contain at least one value")
         if not bool(torch.isfinite(b).all()) or bool((b <= 0).any()) or bool((b >= 1).any()):
-            raise ValueError(f"betas must lie in the open interval (0, 1), got range [{b.min().item()}, {b.max().item()}]")
+            raise ValueError(
+                f"betas must lie in the open interval (0, 1), got range [{b.min().item()}, {b.max().item()}]"
+            )
         self.T = _check_T(T)
         self.betas = b
         self.N = b.numel()
@@ -401,7 +409,9 @@ class VESDE(SDE):
         if not (math.isfinite(sigma_min) and sigma_min > 0):
             raise ValueError(f"sigma_min must be a finite number > 0, got {sigma_min}")
         if not (math.isfinite(sigma_max) and sigma_max > sigma_min):
-            raise ValueError(f"sigma_max must be finite and > sigma_min = {sigma_min}, got {sigma_max}")
+            raise ValueError(
+                f"sigma_max must be finite and > sigma_min = {sigma_min}, got {sigma_max}"
+            )
         self.sigma_min, self.sigma_max, self.T = float(sigma_min), float(sigma_max), _check_T(T)
         self._log_ratio = math.log(self.sigma_max / self.sigma_min)
 
@@ -416,10 +426,16 @@ class VESDE(SDE):
 
     def _g2(self, t: Tensor) -> Tensor:
         # d/dt sigma(t)^2 with sigma(t) = sigma_min r^(t/T)
-        return (2 * self._log_ratio / self.T) * (self.sigma_min**2) * torch.exp(2 * self._log_ratio * t / self.T)
+        return (
+            (2 * self._log_ratio / self.T)
+            * (self.sigma_min**2)
+            * torch.exp(2 * self._log_ratio * t / self.T)
+        )
 
     def _t_from_log_snr(self, lam: Tensor) -> Tensor:
-        return torch.log1p(torch.exp(-2 * lam) / self.sigma_min**2) * (self.T / (2 * self._log_ratio))
+        return torch.log1p(torch.exp(-2 * lam) / self.sigma_min**2) * (
+            self.T / (2 * self._log_ratio)
+        )
 
     def prior_std(self) -> float:
         return self.sigma_max

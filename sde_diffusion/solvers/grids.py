@@ -1,0 +1,80 @@
+"""Time grids: decreasing tensors ts[0] = T > ts[1] > ... > ts[steps] = t_end.
+
+Solvers step from ts[i] to ts[i+1] and never compute a time from a stride, so any grid here (or
+any user-supplied decreasing tensor) drives any solver.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..sde import SDE
+
+GRIDS = ("uniform", "log_snr", "edm", "quadratic")
+
+__all__ = ["GRIDS", "check_grid", "time_grid"]
+
+
+def time_grid(
+    sde: SDE,
+    steps: int,
+    kind: str = "uniform",
+    t_end: float | None = None,
+    t_start: float | None = None,
+    rho: float = 7.0,
+) -> Tensor:
+    """A float64 grid of steps + 1 times from t_start (default T) down to t_end (default t_min).
+
+    uniform:   equal steps in t.
+    log_snr:   equal steps in lambda = log(gamma / sigma) (DPM-Solver's "logSNR" spacing).
+    edm:       Karras et al. (2022) eq. 5 on the noise level sigma_t / gamma_t, exponent rho.
+    quadratic: t spaced as squares, denser near t_end (DDIM's "quad" spacing).
+    """
+    if kind not in GRIDS:
+        raise ValueError(f"unknown grid {kind!r}; valid choices: {', '.join(GRIDS)}")
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps}")
+    t0 = float(sde.T if t_start is None else t_start)
+    t1 = float(sde.t_min if t_end is None else t_end)
+    if not 0 < t1 < t0 <= sde.T:
+        raise ValueError(f"need 0 < t_end < t_start <= T = {sde.T}, got t_end={t1}, t_start={t0}")
+    u = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    if kind == "uniform":
+        ts = t0 + (t1 - t0) * u
+    elif kind == "quadratic":
+        ts = t1 + (t0 - t1) * (1 - u) ** 2
+    else:
+        lam0, lam1 = sde.log_snr(torch.tensor([t0, t1], dtype=torch.float64))
+        if kind == "log_snr":
+            lam = lam0 + (lam1 - lam0) * u
+        else:
+            # EDM noise levels sigma_i = (s_max^(1/rho) + u (s_min^(1/rho) - s_max^(1/rho)))^rho,
+            # with s = sigma_t / gamma_t = exp(-lambda)
+            a, b = torch.exp(-lam0 / rho), torch.exp(-lam1 / rho)
+            lam = -rho * torch.log(a + u * (b - a))
+        ts = sde.t_from_log_snr(lam)
+    ts[0], ts[-1] = t0, t1  # pin the ends against round-off in the inverse
+    return ts
+
+
+def check_grid(ts: Tensor, sde: SDE) -> Tensor:
+    """Validate a user-supplied grid: 1-D, at least two points, strictly decreasing, inside (0, T]."""
+    ts = torch.as_tensor(ts, dtype=torch.float64).detach().cpu()
+    if ts.ndim != 1 or ts.numel() < 2:
+        raise ValueError(
+            f"a time grid must be 1-D with at least 2 points, got shape {tuple(ts.shape)}"
+        )
+    if not bool(torch.isfinite(ts).all()):
+        raise ValueError("the time grid contains NaN or inf")
+    if bool((ts[1:] >= ts[:-1]).any()):
+        k = int(torch.nonzero(ts[1:] >= ts[:-1])[0])
+        raise ValueError(
+            f"the time grid must strictly decrease (T -> t_min); ts[{k}]={ts[k].item()} "
+            f"is followed by ts[{k + 1}]={ts[k + 1].item()}"
+        )
+    if ts[-1] <= 0 or ts[0] > sde.T * (1 + 1e-9):
+        raise ValueError(
+            f"grid times must lie in (0, T = {sde.T}], got [{ts[-1].item()}, {ts[0].item()}]"
+        )
+    return ts
