@@ -139,6 +139,31 @@ class SDE(ABC):
         gamma, sigma = self.marginal(self.time(t, x0))
         return append_dims(gamma, x0.ndim) * x0 + append_dims(sigma, x0.ndim) * noise
 
+    def transition(self, t: Tensor | float, s: Tensor | float) -> tuple[Tensor, Tensor]:
+        """(a, b) of the forward transition q(x_t | x_s) = N(a x_s, b^2 I) for s <= t.
+
+        a = gamma_t / gamma_s and b^2 = sigma_t^2 - a^2 sigma_s^2 (DDPM: a^2 = alpha_t, b^2 = beta_t).
+        """
+        (g_t, sig_t), (g_s, sig_s) = self.marginal(t), self.marginal(s)
+        a = g_t / g_s
+        return a, torch.sqrt((sig_t * sig_t - (a * sig_s) ** 2).clamp_min(0))
+
+    def posterior(
+        self, x_t: Tensor, x0: Tensor, t: Tensor | float, s: Tensor | float
+    ) -> tuple[Tensor, Tensor]:
+        """Mean and standard deviation of q(x_s | x_t, x_0) for s < t (math.md section 4).
+
+        mean = (a sigma_s^2 x_t + gamma_s b^2 x_0) / sigma_t^2,  var = b^2 sigma_s^2 / sigma_t^2,
+        with (a, b) the transition from s to t; for DDPM this is mu_tilde and beta_tilde.
+        """
+        t, s = self.time(t, x_t), self.time(s, x_t)
+        a, b = self.transition(t, s)
+        (_, sig_t), (g_s, sig_s) = self.marginal(t), self.marginal(s)
+        var_t = sig_t * sig_t
+        c_t = append_dims(a * sig_s * sig_s / var_t, x_t.ndim)
+        c_0 = append_dims(g_s * b * b / var_t, x_t.ndim)
+        return c_t * x_t + c_0 * x0, b * sig_s / sig_t
+
     def prior_sample(
         self,
         shape: Sequence[int],
@@ -289,19 +314,31 @@ class CosineVPSDE(VPFamilySDE):
         if not (math.isfinite(s) and s > 0):
             raise ValueError(f"s must be a finite number > 0, got {s}")
         self.s, self.T = float(s), _check_T(T, upper=1.0)
-        self._log_cos_phi0 = math.log(math.cos(self.s / (1 + self.s) * math.pi / 2))
+        self._cos_phi0 = math.cos(self.s / (1 + self.s) * math.pi / 2)
 
     def _phi(self, t: Tensor) -> Tensor:
         return (t + self.s) / (1 + self.s) * (math.pi / 2)
 
+    def _half_sum_and_difference(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """((phi + phi0) / 2, (phi - phi0) / 2), the difference formed exactly from t."""
+        c = math.pi / (4 * (1 + self.s))
+        return (t + 2 * self.s) * c, t * c
+
     def _log_gamma(self, t: Tensor) -> Tensor:
-        return torch.log(torch.cos(self._phi(t))) - self._log_cos_phi0
+        # cos(phi) - cos(phi0) = -2 sin((phi + phi0)/2) sin((phi - phi0)/2): exact as t -> 0
+        half_sum, half_diff = self._half_sum_and_difference(t)
+        return torch.log1p(-2 * torch.sin(half_sum) * torch.sin(half_diff) / self._cos_phi0)
+
+    def _sigma(self, t: Tensor) -> Tensor:
+        # 1 - cos^2(phi)/cos^2(phi0) = sin(phi - phi0) sin(phi + phi0) / cos^2(phi0)
+        half_sum, half_diff = self._half_sum_and_difference(t)
+        return torch.sqrt(torch.sin(2 * half_diff) * torch.sin(2 * half_sum)) / self._cos_phi0
 
     def _beta(self, t: Tensor) -> Tensor:
         return math.pi / (1 + self.s) * torch.tan(self._phi(t))
 
     def _t_from_log_gamma(self, log_gamma: Tensor) -> Tensor:
-        phi = torch.arccos(torch.exp(log_gamma + self._log_cos_phi0))
+        phi = torch.arccos(torch.exp(log_gamma) * self._cos_phi0)
         return phi * (2 * (1 + self.s) / math.pi) - self.s
 
 

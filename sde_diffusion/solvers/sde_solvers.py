@@ -26,14 +26,13 @@ def _reverse_diffusion_step(
 ) -> Tensor:
     """score_sde's reverse-diffusion predictor on the exact discretisation of [s, t].
 
-    The forward kernel x_t = a x_s + b z has a = gamma_t / gamma_s and b^2 = sigma_t^2 - a^2 sigma_s^2;
-    reversing its discrete drift (a - 1) x and diffusion b gives x_s = (2 - a) x_t + b^2 s + b z.
+    The forward transition x_t = a x_s + b z (SDE.transition) has discrete drift (a - 1) x and
+    diffusion b; reversing them gives x_s = (2 - a) x_t + b^2 s + b z.
     """
-    (g_t, sig_t), (g_s, sig_s) = sde.marginal(t), sde.marginal(s)
-    a = g_t / g_s
-    b2 = sig_t**2 - (a * sig_s) ** 2
+    a, b = sde.transition(t, s)
+    b2 = b * b
     x = (2 - a) * x + b2 * score_fn(x, at(t, x))
-    return x if z is None else x + torch.sqrt(b2) * z
+    return x if z is None else x + b * z
 
 
 @register("euler_maruyama")

@@ -1,0 +1,34 @@
+"""Shared fixtures: the SDE family with default parameters, and deterministic generators."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sde_diffusion import VESDE, VPSDE, CosineVPSDE, DiscreteVPSDE, SubVPSDE
+
+torch.set_num_threads(2)
+
+ALL_SDES = {
+    "vp": VPSDE,
+    "vp_cosine": CosineVPSDE,
+    "subvp": SubVPSDE,
+    "ve": VESDE,
+    "ddpm": DiscreteVPSDE.ddpm,
+}
+
+
+@pytest.fixture(params=list(ALL_SDES), ids=list(ALL_SDES))
+def any_sde(request):
+    """Each SDE of the family with its default parameters."""
+    return ALL_SDES[request.param]()
+
+
+@pytest.fixture(params=[torch.float32, torch.float64], ids=["f32", "f64"])
+def dtype(request):
+    return request.param
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(1234)
