@@ -3,6 +3,7 @@ the formulas of math.md section 1 written out by hand, Monte Carlo, and Bayes' r
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -32,7 +33,7 @@ def _integrate_moments(sde, t_end: float, knots: int = 1) -> tuple[float, float]
 
     y = [1.0, 0.0]
     edges = [e for e in np.linspace(0, sde.T, knots + 1) if e < t_end] + [t_end]
-    for a, b in zip(edges[:-1], edges[1:], strict=True):
+    for a, b in itertools.pairwise(edges):
         y = solve_ivp(rhs, (a, b), y, rtol=1e-10, atol=1e-12).y[:, -1]
     return y[0], y[1]
 
