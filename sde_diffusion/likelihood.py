@@ -204,13 +204,17 @@ def dequantize(
 ) -> Tensor:
     """Uniform dequantisation x = low + (high - low) (k + u) / num_levels, u ~ U[0, 1)^D.
 
-    Integer levels k in [0, num_levels) become continuous data in [low, high); each level owns a
-    bin of width (high - low) / num_levels, the `bin_width` that `bits_per_dim` needs.
+    Integer levels k in [0, num_levels) become continuous data in [low, high) (float32 rounding
+    can land on high itself); each level owns a bin of width (high - low) / num_levels, the
+    `bin_width` that `bits_per_dim` needs.
     """
     if int(num_levels) != num_levels or num_levels < 2:
         raise ValueError(f"num_levels must be an integer >= 2, got {num_levels}")
     if not high > low:
         raise ValueError(f"high must be > low, got low={low}, high={high}")
+    if k.is_floating_point() or k.is_complex() or k.dtype == torch.bool:
+        raise ValueError(f"levels must be an integer tensor, got dtype {k.dtype}")
+    k = k.long()  # compare in int64: num_levels = 256 does not fit in uint8
     if bool((k < 0).any()) or bool((k >= num_levels).any()):
         raise ValueError(f"levels must lie in [0, {num_levels}), got [{k.min()}, {k.max()}]")
     u = torch.rand(k.shape, generator=generator, dtype=dtype, device=k.device)
@@ -367,3 +371,9 @@ def ddpm_bound(
         decoder=decoder_nll,
         terms=terms_t,
     )
+
+
+if __name__ == "__main__":  # `python -m sde_diffusion.likelihood` runs the Hydra app
+    from .likelihood_app import main
+
+    main()

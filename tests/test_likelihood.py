@@ -225,6 +225,11 @@ def test_bits_per_dim_and_dequantize_validate():
         bits_per_dim(torch.zeros(1), 0)
     with pytest.raises(ValueError, match="levels must lie"):
         dequantize(torch.tensor([256]))
+    with pytest.raises(ValueError, match="integer tensor"):
+        dequantize(torch.tensor([0.5]))
+    bytes_ = torch.tensor([0, 255], dtype=torch.uint8)  # uint8 levels, compared without overflow
+    x = dequantize(bytes_, _gen(3), dtype=F64)
+    assert torch.equal(torch.floor((x + 1) * 128).long(), bytes_.long())
 
 
 # ---- the discretised Gaussian decoder ------------------------------------------------------------
