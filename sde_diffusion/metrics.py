@@ -28,6 +28,7 @@ __all__ = [
     "ModeCoverage",
     "default_cache_dir",
     "digits_classifier",
+    "exact_log_prob",
     "frechet_distance",
     "gaussian_frechet_distance",
     "gaussian_kl",
@@ -200,8 +201,8 @@ def gaussian_kl_from_samples(x: Tensor, mean: Tensor, cov: Tensor) -> Tensor:
     about (D + D (D + 1) / 2) / (2 n) nats for n samples of the target itself.
     """
     x = _flat(x, "x")
-    mean = torch.as_tensor(mean).to(x.dtype).flatten()
-    cov = torch.as_tensor(cov).to(x.dtype)
+    mean = torch.as_tensor(mean).to(device=x.device, dtype=x.dtype).flatten()
+    cov = torch.as_tensor(cov).to(device=x.device, dtype=x.dtype)
     d = x.shape[1]
     if mean.numel() != d or cov.shape != (d, d):
         raise ValueError(
@@ -219,9 +220,14 @@ def gaussian_kl_from_samples(x: Tensor, mean: Tensor, cov: Tensor) -> Tensor:
 # ---- exact quantities under the oracle ----------------------------------------------------------
 
 
+def exact_log_prob(x: Tensor, mixture: GaussianMixture) -> Tensor:
+    """Exact log p_0(x) under the oracle's mixture, one value per sample, in nats."""
+    return mixture.log_prob(x, 0.0, _T0_SDE)
+
+
 def mean_log_prob(x: Tensor, mixture: GaussianMixture) -> Tensor:
     """Mean exact log p_0(x) of the samples under the oracle's mixture, in nats per sample."""
-    return mixture.log_prob(x, 0.0, _T0_SDE).mean()
+    return exact_log_prob(x, mixture).mean()
 
 
 def _chi2_quantile(level: float, dof: int) -> float:
@@ -272,7 +278,7 @@ def mode_coverage(
         raise ValueError(f"level must lie in (0, 1), got {level}")
     if radius is not None and not radius > 0:
         raise ValueError(f"radius must be > 0, got {radius}")
-    x = _flat(x, "x").to(mixture.means.dtype)
+    x = _flat(x, "x").to(mixture.means.device, mixture.means.dtype)
     label = mixture.responsibilities(x, 0.0, _T0_SDE).argmax(1)
     diff = x - mixture.means[label]
     if radius is None:
@@ -304,10 +310,10 @@ def oracle_metrics(
     drawn from `generator`), mean_log_p0, mode coverage for K > 1 and the exact Gaussian KL for
     K = 1.
     """
-    x = _flat(x, "x").to(mixture.means.dtype)
+    x = _flat(x, "x").to(mixture.means.device, mixture.means.dtype)
     if reference is None:
         reference = mixture.sample(x.shape[0], generator)
-    reference = _flat(reference, "reference").to(x.dtype)
+    reference = _flat(reference, "reference").to(x.device, x.dtype)
     out = {
         "sliced_w2": float(sliced_wasserstein(x, reference, num_projections, generator)),
         "mmd2": float(mmd2(x, reference)),

@@ -55,3 +55,10 @@ def test_main_writes_metrics_json(tmp_path, monkeypatch, capsys):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert {"pf_ode", "ddpm_bound", "exact"} <= set(metrics)
     assert "| PF-ODE |" in capsys.readouterr().out
+
+
+def test_exact_column_works_for_the_cosine_schedule():
+    cfg = _cfg("sde.name=vp_cosine", "num_samples=16", "ddpm_bound.enabled=false")
+    res = likelihood_app.evaluate(cfg)
+    assert math.isfinite(res["exact"]["nll"])
+    assert abs(res["pf_ode_minus_exact"]["nll"]) < 1e-2
