@@ -282,9 +282,13 @@ def mode_coverage(
     label = mixture.responsibilities(x, 0.0, _T0_SDE).argmax(1)
     diff = x - mixture.means[label]
     if radius is None:
-        chol = torch.linalg.cholesky(mixture.covs)[label]
-        white = torch.linalg.solve_triangular(chol, diff[..., None], upper=False)[..., 0]
-        inside = white.square().sum(1) <= _chi2_quantile(level, mixture.dim)
+        chol = torch.linalg.cholesky(mixture.covs)
+        maha = x.new_zeros(x.shape[0])  # squared Mahalanobis distance, one component at a time
+        for k in range(mixture.num_components):
+            sel = label == k
+            white = torch.linalg.solve_triangular(chol[k], diff[sel].T, upper=False)
+            maha[sel] = white.square().sum(0)
+        inside = maha <= _chi2_quantile(level, mixture.dim)
     else:
         inside = diff.norm(dim=1) <= radius
     counts = torch.bincount(label[inside], minlength=mixture.num_components)
