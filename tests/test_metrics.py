@@ -302,3 +302,13 @@ def test_image_metrics_separate_real_digits_from_noise(digits_cache):
     assert dropped["frechet_distance"] > 5 * real["frechet_distance"]
     with pytest.raises(ValueError, match="64 pixels"):
         net.features(torch.zeros(2, 1, 16, 16))
+
+
+def test_mode_membership_uses_the_component_covariance():
+    # chi-square(2) quantile at 0.999 is 13.8: (3, 0) is 2.25 from a diag(4, 0.01) component in
+    # squared Mahalanobis distance, (0, 0.5) is 25, although it is closer in Euclidean distance
+    gm = GaussianMixture([0.5, 0.5], [[0.0, 0.0], [50.0, 0.0]], torch.tensor([[4.0, 0.01]] * 2))
+    assert M.mode_coverage(torch.tensor([[3.0, 0.0]]), gm).in_mode_fraction == 1.0
+    assert M.mode_coverage(torch.tensor([[0.0, 0.5]]), gm).in_mode_fraction == 0.0
+    both = M.mode_coverage(torch.tensor([[3.0, 0.0], [47.0, 0.0], [50.0, 0.5]]), gm)
+    assert both.counts == (1, 1) and both.coverage == 1.0
