@@ -207,6 +207,54 @@ class GaussianMixture:
 
         return eps_fn
 
+    # ---- conditioning -------------------------------------------------------------------------
+
+    def condition(self, known_mask: Tensor, x_known: Tensor) -> GaussianMixture:
+        """The exact conditional p_0(x_u | x_o = x_known) of the unknown coordinates.
+
+        One observation. known_mask: bool of shape `dims` (or (D,)), True where observed.
+        x_known: the observed values, either a full tensor of shape `dims`/(D,) (only the masked
+        entries are read) or the vector of the known entries in flattened order.
+        Returns a mixture over the unknown coordinates (flattened order, dims (D_u,)): per component
+        the Gaussian conditional
+            mu_u|o = mu_u + S_uo S_oo^{-1} (x_o - mu_o),   S_u|o = S_uu - S_uo S_oo^{-1} S_ou,
+        with weights pi_k N(x_o; mu_o, S_oo) renormalised (Bayes' rule over components).
+        This is the target that imputation / inpainting samplers are measured against.
+        """
+        mask = torch.as_tensor(known_mask, dtype=torch.bool, device=self.means.device).flatten()
+        if mask.numel() != self.dim:
+            raise ValueError(f"known_mask has {mask.numel()} entries; need D = {self.dim}")
+        n_known = int(mask.sum())
+        if n_known == self.dim:
+            raise ValueError("known_mask marks every coordinate as known: nothing to condition")
+        xk = torch.as_tensor(x_known, dtype=self.means.dtype, device=self.means.device).flatten()
+        if xk.numel() == self.dim:
+            xk = xk[mask]
+        elif xk.numel() != n_known:
+            raise ValueError(
+                f"x_known must have D = {self.dim} entries or one per known coordinate "
+                f"({n_known}), got {xk.numel()}"
+            )
+        u, o = ~mask, mask
+        mu_u, mu_o = self.means[:, u], self.means[:, o]
+        s_uu = self.covs[:, u][:, :, u]
+        s_uo = self.covs[:, u][:, :, o]
+        s_oo = self.covs[:, o][:, :, o]
+        chol = torch.linalg.cholesky(s_oo)  # (K, n_o, n_o)
+        diff = (xk - mu_o)[..., None]  # (K, n_o, 1)
+        white = torch.linalg.solve_triangular(chol, diff, upper=False)  # L^{-1}(x_o - mu_o)
+        gain_t = torch.cholesky_solve(s_uo.transpose(-1, -2), chol)  # S_oo^{-1} S_ou
+        means = mu_u + (s_uo @ torch.cholesky_solve(diff, chol))[..., 0]
+        covs = s_uu - s_uo @ gain_t
+        covs = 0.5 * (covs + covs.transpose(-1, -2))
+        log_det = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+        log_lik = -0.5 * (white.square().sum((-2, -1)) + log_det + n_known * math.log(2 * math.pi))
+        weights = torch.softmax(torch.log(self.weights) + log_lik, dim=0)
+        # a component far from x_o can underflow to weight 0; keep it (same K, same labels) at the
+        # smallest positive weight, which changes no density by a representable amount
+        weights = weights.clamp_min(torch.finfo(weights.dtype).tiny)
+        return GaussianMixture(weights, means, covs, dtype=self.means.dtype)
+
     # ---- closed forms for a single Gaussian ----------------------------------------------------
 
     def marginal_moments(self, t: float | Tensor, sde: SDE) -> tuple[Tensor, Tensor]:

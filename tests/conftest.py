@@ -7,8 +7,6 @@ import torch
 
 from sde_diffusion import VESDE, VPSDE, CosineVPSDE, DiscreteVPSDE, SubVPSDE
 
-torch.set_num_threads(2)
-
 ALL_SDES = {
     "vp": VPSDE,
     "vp_cosine": CosineVPSDE,
@@ -32,3 +30,13 @@ def dtype(request):
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """One intra-op thread: the tests use small tensors, where extra threads only add overhead and
+    oversubscribe a small CI machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
