@@ -131,7 +131,7 @@ def coverage(samples: torch.Tensor, y: int, sde) -> float:
 
 
 @pytest.mark.parametrize(
-    ("solver", "kw"), [("ode", {"steps": 10}), ("pc", {"steps": 200, "n_corrector": 1})]
+    ("solver", "kw"), [("ode", {"steps": 10}), ("euler_maruyama", {"steps": 100})]
 )
 def test_guided_sampling_reaches_the_chosen_component(solver, kw):
     """Classifier guidance (w = 1, 3) and classifier-free guidance (ho w = 2) sample class y:
@@ -148,7 +148,7 @@ def test_guided_sampling_reaches_the_chosen_component(solver, kw):
     }
     for name, fn in fns.items():
         g = torch.Generator().manual_seed(0)
-        x = sample(fn, sde, (500, 2), solver=solver, generator=g, dtype=torch.float64, **kw)
+        x = sample(fn, sde, (400, 2), solver=solver, generator=g, dtype=torch.float64, **kw)
         assert coverage(x, y, sde) >= 0.99, name
     # the data visit every component: the guidance is what selects y
     assert coverage(RING.sample(500, torch.Generator().manual_seed(0)), y, sde) < 0.25
@@ -159,18 +159,19 @@ def test_trained_mlp_classifier_is_near_bayes_optimal():
     exact (Bayes) cross-entropy on fresh noisy data, and its guidance reaches the class."""
     torch.manual_seed(0)
     sde, g = VPSDE(), torch.Generator().manual_seed(0)
-    x0, labels = RING.sample(20000, g, return_labels=True)
+    x0, labels = RING.sample(10000, g, return_labels=True)
     clf = NoisyClassifier((2,), 8, sde, width=64, depth=2, data_var=8.25)
-    losses = train_classifier(clf.double(), sde, x0, labels, steps=600, batch_size=256, generator=g)
+    losses = train_classifier(clf.double(), sde, x0, labels, steps=300, batch_size=256, generator=g)
     assert all(math.isfinite(v) for v in losses)
-    x0, labels = RING.sample(4000, g, return_labels=True)
-    t = sde.t_min + (1 - sde.t_min) * torch.rand(4000, generator=g, dtype=torch.float64)
+    x0, labels = RING.sample(2000, g, return_labels=True)
+    t = sde.t_min + (1 - sde.t_min) * torch.rand(2000, generator=g, dtype=torch.float64)
     xt = sde.perturb(x0, t, torch.randn(x0.shape, generator=g, dtype=torch.float64))
     with torch.no_grad():
         ce = torch.nn.functional.cross_entropy(clf(xt, t), labels).item()
     bayes = torch.nn.functional.nll_loss(
         torch.log(RING.responsibilities(xt, t, sde)), labels
     ).item()
+    print(f"\ncross-entropy {ce:.4f}, Bayes {bayes:.4f}")
     assert ce - bayes < 0.05, (ce, bayes)
     fn = classifier_guided_score_fn(RING.score_fn(sde), clf, 5, scale=2.0)
     x = sample(fn, sde, (300, 2), solver="ode", steps=10, generator=g, dtype=torch.float64)
