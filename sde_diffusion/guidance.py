@@ -288,6 +288,8 @@ def inpaint_mask(
         raise ValueError(f"unknown mask {kind!r}; valid choices: {', '.join(MASKS)}")
     if not 0 < fraction < 1:
         raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
+    if len(shape) != 3:
+        raise ValueError(f"shape must be (C, H, W), got {tuple(shape)}")
     c, h, w = (int(n) for n in shape)
     mask = torch.ones(c, h, w)
     if kind == "half":

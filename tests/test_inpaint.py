@@ -122,3 +122,5 @@ def test_bad_input():
         inpaint_mask("star", (1, 8, 8))
     with pytest.raises(ValueError, match="fraction must lie in"):
         inpaint_mask("random", (1, 8, 8), fraction=1.5)
+    with pytest.raises(ValueError, match=r"shape must be \(C, H, W\)"):
+        inpaint_mask("half", (8, 8))
