@@ -15,6 +15,7 @@ from _imputation import correlated_pair, equicorrelated_4d, imputation_errors
 
 from sde_diffusion import VESDE, VPSDE, GaussianMixture
 from sde_diffusion.guidance import MASKS, inpaint, inpaint_mask, repaint_walk
+from sde_diffusion.solvers import SOLVERS
 
 
 def image_oracle() -> GaussianMixture:
@@ -57,6 +58,27 @@ def test_mask_forms_and_nan_in_unknown_entries():
     x_nan = torch.where(mask, x, torch.full_like(x, float("nan")))
     out = inpaint(gm.score_fn(sde), sde, x_nan, mask, steps=5, generator=torch.Generator())
     assert torch.isfinite(out).all() and torch.equal(out[mask], x[mask])
+
+
+@pytest.mark.parametrize("solver", ["euler_maruyama", "pc"])
+def test_noise_last_adds_the_last_steps_noise(solver):
+    """Run on one interval [t, s], a stochastic solver returns the step's mean unless
+    noise_last, which adds sqrt(g(t)^2 h) z (Euler–Maruyama) or b z with b^2 = sigma_t^2 -
+    (gamma_t / gamma_s)^2 sigma_s^2 (reverse-diffusion predictor): inpainting relies on it."""
+    sde, gm = VPSDE(), image_oracle()
+    x = gm.sample(3, torch.Generator().manual_seed(0))
+    ts = torch.tensor([0.5, 0.45], dtype=torch.float64)
+    kw = {"n_corrector": 0} if solver == "pc" else {}
+    g = torch.Generator().manual_seed(1)
+    fn, z = SOLVERS[solver].fn, torch.randn(x.shape, generator=g, dtype=x.dtype)
+    mean = fn(gm.score_fn(sde), sde, x, ts, noise=lambda v: z, **kw)
+    noisy = fn(gm.score_fn(sde), sde, x, ts, noise=lambda v: z, noise_last=True, **kw)
+    if solver == "pc":
+        (g_t, s_t), (g_s, s_s) = sde.marginal(ts[0]), sde.marginal(ts[1])
+        scale = torch.sqrt(s_t**2 - (g_t / g_s * s_s) ** 2)
+    else:
+        scale = torch.sqrt(sde.g2(ts[0]) * 0.05)
+    torch.testing.assert_close(noisy - mean, scale * z)
 
 
 def test_repaint_walk():
