@@ -3,6 +3,8 @@
 A solver is a plain function `solver(score_fn, sde, x, ts, *, callback=None, [noise], **params)`
 that steps x from ts[0] down to ts[-1] and returns it. Stochastic solvers take `noise`, a callable
 returning standard normal noise shaped like its argument; `sample()` passes it only to them.
+A stochastic solver's last step adds no noise (it returns the step's mean) unless it is called
+with `noise_last=True`, which callers that step a grid one interval at a time (inpainting) pass.
 """
 
 from __future__ import annotations

@@ -43,13 +43,15 @@ def euler_maruyama(
     ts: Tensor,
     *,
     noise: NoiseSource,
+    noise_last: bool = False,
     callback: Callback | None = None,
 ) -> Tensor:
     """Euler–Maruyama on the reverse SDE over the grid ts (strong order 1/2, weak order 1).
 
-    The last step adds no noise (it returns the step's mean), as in score_sde.
+    The last step adds no noise (it returns the step's mean), as in score_sde, unless
+    `noise_last` (for callers that run the solver one interval at a time, like inpainting).
     """
-    last = len(ts) - 2
+    last = len(ts) - 2 if not noise_last else -1
     for i, (t, s) in steps(ts):
         x = _euler_maruyama_step(score_fn, sde, x, t, s, None if i == last else noise(x))
         if callback is not None:
@@ -81,13 +83,14 @@ def predictor_corrector(
     predictor: str = "reverse_diffusion",
     snr: float = 0.16,
     n_corrector: int = 1,
+    noise_last: bool = False,
     callback: Callback | None = None,
 ) -> Tensor:
     """Predictor–corrector sampling: after each predictor step t -> s, `n_corrector` Langevin
     steps at s with signal-to-noise ratio `snr` (Song et al. 2021, Algorithms 2 and 3).
 
     predictor: "reverse_diffusion" (default, as in score_sde) or "euler_maruyama"; as for
-    Euler–Maruyama, the last predictor step adds no noise.
+    Euler–Maruyama, the last predictor step adds no noise unless `noise_last`.
     """
     if predictor not in PREDICTORS:
         raise ValueError(f"unknown predictor {predictor!r}; valid choices: {', '.join(PREDICTORS)}")
@@ -96,7 +99,7 @@ def predictor_corrector(
     if snr <= 0:
         raise ValueError(f"snr must be > 0, got {snr}")
     step = _euler_maruyama_step if predictor == "euler_maruyama" else _reverse_diffusion_step
-    last = len(ts) - 2
+    last = len(ts) - 2 if not noise_last else -1
     for i, (t, s) in steps(ts):
         x = step(score_fn, sde, x, t, s, None if i == last else noise(x))
         for _ in range(n_corrector):
