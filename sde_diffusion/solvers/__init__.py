@@ -59,12 +59,13 @@ class _CountedScore:
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         self.nfe += 1
         out = self.score_fn(x, t)
+        t0 = t.reshape(-1)[0].item() if t.device.type == "cpu" else "?"
         if not isinstance(out, Tensor) or out.shape != x.shape:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(
-                f"score_fn returned {shape} for x of shape {tuple(x.shape)} (step {self.step})"
+                f"score_fn returned {shape} for x of shape {tuple(x.shape)} "
+                f"(step {self.step}, t={t0})"
             )
-        t0 = t.reshape(-1)[0].item() if t.device.type == "cpu" else "?"
         check_finite(out, f"score_fn output at step {self.step} (t={t0})")
         return out
 
