@@ -11,6 +11,7 @@ from sde_diffusion import SDE, DiscreteVPSDE, get_sde
 from sde_diffusion.solvers import GRIDS, time_grid
 
 F64 = torch.float64
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SDES = st.one_of(
     st.builds(

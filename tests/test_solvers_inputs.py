@@ -11,6 +11,7 @@ from torch import Tensor
 from sde_diffusion import VPSDE, GaussianMixture
 from sde_diffusion.solvers import GRIDS, SOLVERS, sample, time_grid
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 SDE_ = VPSDE()
 TARGET = GaussianMixture.gaussian([0.5, -0.5], 0.5)
 SCORE = TARGET.score_fn(SDE_)

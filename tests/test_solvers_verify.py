@@ -17,6 +17,7 @@ from sde_diffusion import GaussianMixture, get_sde
 from sde_diffusion.solvers import SOLVERS, euler_maruyama, get_solver, sample, time_grid
 
 F64 = torch.float64
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass(frozen=True)
@@ -72,15 +73,6 @@ MIXTURE = GaussianMixture(
     [0.3, 0.7], [[-1.5, 0.5], [1.0, -0.5]], torch.tensor([[0.3, 0.4], [0.5, 0.2]], dtype=F64)
 )
 ORDER_SDES = ("vp", "subvp", "ve", "vp_cosine")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is fastest, and fair to a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def slope(steps: tuple[int, ...], errors: list[float]) -> float:
