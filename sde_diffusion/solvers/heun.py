@@ -66,8 +66,7 @@ def edm_heun(
     def slope(x_hat: Tensor, t: Tensor, g: Tensor, s_hat: Tensor) -> Tensor:
         """(x_hat - D(x_hat; s_hat)) / s_hat, with D from the score at x_t = g x_hat, time t."""
         x_t = g * x_hat
-        t_b = at(t, x_t)
-        return (x_hat - tweedie_x0(x_t, t_b, score_fn(x_t, t_b), sde)) / s_hat
+        return (x_hat - tweedie_x0(x_t, t, score_fn(x_t, at(t, x_t)), sde)) / s_hat
 
     x_hat = x / gamma[0]
     for i, (t, s) in steps(ts):
