@@ -80,7 +80,7 @@ def nan_below_half(x: Tensor, t: Tensor) -> Tensor:
 
 @pytest.mark.parametrize("solver", sorted(SOLVERS))
 def test_score_of_the_wrong_shape_names_step_and_t(solver: str) -> None:
-    with pytest.raises(ValueError, match=r"\(3, 1\) for x of shape \(3, 2\) \(step 0, t=1.0\)"):
+    with pytest.raises(ValueError, match=r"\(3, 1\) for x of shape \(3, 2\) at step 0 \(t=1.0\)"):
         run(solver, score=wrong_shape)
 
 

@@ -60,6 +60,8 @@ DEFAULT_KL_BOUND = {
     "dpm_solver": 1e-3,
 }
 DEFAULT_SW2_BOUND = 0.1
+# Registered as stochastic (they take noise) but drawing none at their defaults.
+NOISELESS_DEFAULTS = {"heun", "ddim"}
 # Parameters that exercise each solver's optional machinery (noise in heun, several corrector
 # steps in pc, a fixed-step method in ode) in the NFE, seeds, shape and GPU tests.
 EXERCISE_PARAMS: dict[str, dict[str, object]] = {
@@ -73,6 +75,10 @@ MIXTURE = GaussianMixture(
     [0.3, 0.7], [[-1.5, 0.5], [1.0, -0.5]], torch.tensor([[0.3, 0.4], [0.5, 0.2]], dtype=F64)
 )
 ORDER_SDES = ("vp", "subvp", "ve", "vp_cosine")
+
+
+def draws_noise(name: str, params: dict[str, object]) -> bool:
+    return SOLVERS[name].stochastic and not (name in NOISELESS_DEFAULTS and not params)
 
 
 def slope(steps: tuple[int, ...], errors: list[float]) -> float:
@@ -205,7 +211,7 @@ def test_euler_maruyama_weak_order_one(sde_name: str) -> None:
 @pytest.mark.parametrize("name", sorted(SOLVERS))
 def test_default_settings_gaussian_kl(name: str) -> None:
     sde = get_sde("vp")
-    if SOLVERS[name].stochastic:
+    if draws_noise(name, {}):
         x = sample(
             GAUSS.score_fn(sde),
             sde,
@@ -342,7 +348,7 @@ def test_any_data_shape_and_dtype(run, dtype: torch.dtype) -> None:
     kw = dict(params, solver=name, steps=8, seeds=[1, 2, 3])
     x = sample(IMAGE_TARGET.score_fn(sde), sde, (3, 1, 4, 4), dtype=dtype, **kw)
     assert x.shape == (3, 1, 4, 4) and x.dtype == dtype and bool(torch.isfinite(x).all())
-    if not SOLVERS[name].stochastic:
+    if not draws_noise(name, params):
         x_T = sde.prior_sample((3, 1, 4, 4), torch.Generator().manual_seed(7), dtype=F64)
         ref = sample(IMAGE_TARGET.score_fn(sde), sde, x_T, **kw)
         out = sample(IMAGE_TARGET.score_fn(sde), sde, x_T.to(dtype), **kw)
@@ -364,3 +370,20 @@ def test_every_solver_runs_on_cuda(run) -> None:
     # per-sample seeds draw on the CPU, so even the stochastic solvers agree across devices
     # (pc only up to the reduction order of its batch-mean step size)
     torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("run", solver_runs(), ids=run_id)
+def test_trajectory_has_one_state_per_grid_time(run) -> None:
+    """The states follow the grid: for the Gaussian, each deterministic state is the exact flow
+    of x_T to its grid time up to the solver's error at 32 steps."""
+    name, params = run
+    sde = get_sde("vp")
+    x_T = sde.prior_sample((4, 2), torch.Generator().manual_seed(9), dtype=F64)
+    info = sample(GAUSS.score_fn(sde), sde, x_T, solver=name, steps=32, seeds=range(4),
+                  return_info=True, return_trajectory=True, **params)  # fmt: skip
+    assert len(info.trajectory) == len(info.ts) + 1  # x_T, one state per step, the denoised x_0
+    assert info.trajectory[0] is x_T and info.trajectory[-1] is info.samples
+    if not draws_noise(name, params):
+        for t, x in zip(info.ts[1:], info.trajectory[1:-1], strict=True):
+            exact = GAUSS.pf_ode_solution(x_T, sde.T, float(t), sde)
+            assert (x - exact).abs().max() <= 0.05 * exact.abs().max()

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._tensor import check_finite
+from .._tensor import check_finite, is_finite
 from ..parametrize import tweedie_x0
 from ..sde import SDE, ScoreFn
 from . import heun, ode, sde_solvers  # noqa: F401  (registers the solvers)
@@ -59,15 +59,17 @@ class _CountedScore:
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         self.nfe += 1
         out = self.score_fn(x, t)
-        t0 = t.reshape(-1)[0].item() if t.device.type == "cpu" else "?"
         if not isinstance(out, Tensor) or out.shape != x.shape:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(
-                f"score_fn returned {shape} for x of shape {tuple(x.shape)} "
-                f"(step {self.step}, t={t0})"
+                f"score_fn returned {shape} for x of shape {tuple(x.shape)} at {self._where(t)}"
             )
-        check_finite(out, f"score_fn output at step {self.step} (t={t0})")
+        if out.device.type == "cpu" and not is_finite(out):
+            raise ValueError(f"score_fn output at {self._where(t)} contains NaN or inf")
         return out
+
+    def _where(self, t: Tensor) -> str:
+        return f"step {self.step} (t={t.reshape(-1)[0].item()})"
 
 
 def sample(

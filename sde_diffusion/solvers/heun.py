@@ -18,7 +18,6 @@ import math
 import torch
 from torch import Tensor
 
-from ..parametrize import tweedie_x0
 from ..sde import SDE, ScoreFn
 from ._registry import Callback, NoiseSource, at, register, steps
 
@@ -63,30 +62,26 @@ def edm_heun(
     churn = min(S_churn / n, math.sqrt(2) - 1)
     host_levels = level.tolist() if churn > 0 else []
 
-    def slope(x_hat: Tensor, t: Tensor, g: Tensor, s_hat: Tensor) -> Tensor:
-        """(x_hat - D(x_hat; s_hat)) / s_hat, with D from the score at x_t = g x_hat, time t."""
+    def slope(x_hat: Tensor, t: Tensor, g: Tensor, sig: Tensor) -> Tensor:
+        """(x_hat - D(x_hat; sigma_hat_t)) / sigma_hat_t = -sigma_t s(x_t, t), x_t = gamma_t x_hat."""
         x_t = g * x_hat
-        return (x_hat - tweedie_x0(x_t, t, score_fn(x_t, at(t, x_t)), sde)) / s_hat
+        return -sig * score_fn(x_t, at(t, x_t))
 
     x_hat = x / gamma[0]
     for i, (t, s) in steps(ts):
-        t_hat, g_hat, s_hat = t, gamma[i], level[i]
+        t_hat, g_hat, sig_hat, level_hat = t, gamma[i], sigma[i], level[i]
         if churn > 0 and S_tmin <= host_levels[i] <= S_tmax:
-            lam_up = -math.log(host_levels[i] * (1 + churn))
-            t_hat = torch.clamp(
-                sde.t_from_log_snr(torch.tensor(lam_up, dtype=torch.float64)), max=sde.T
-            )
-            t_hat = t_hat.to(ts.device, ts.dtype)
-            g_hat, sig_up = sde.marginal(t_hat)
-            s_hat = sig_up / g_hat
-            x_hat = x_hat + S_noise * torch.sqrt((s_hat**2 - level[i] ** 2).clamp_min(0)) * noise(
-                x_hat
-            )
-        d = slope(x_hat, t_hat, g_hat, s_hat)
-        x_next = x_hat + (level[i + 1] - s_hat) * d
+            lam_up = torch.tensor(-math.log(host_levels[i] * (1 + churn)), dtype=torch.float64)
+            t_hat = torch.clamp(sde.t_from_log_snr(lam_up), max=sde.T).to(ts.device, ts.dtype)
+            g_hat, sig_hat = sde.marginal(t_hat)
+            level_hat = sig_hat / g_hat
+            added = torch.sqrt((level_hat**2 - level[i] ** 2).clamp_min(0))
+            x_hat = x_hat + S_noise * added * noise(x_hat)
+        d = slope(x_hat, t_hat, g_hat, sig_hat)
+        x_next = x_hat + (level[i + 1] - level_hat) * d
         if i < n - 1:
-            d_next = slope(x_next, s, gamma[i + 1], level[i + 1])
-            x_next = x_hat + (level[i + 1] - s_hat) * (0.5 * d + 0.5 * d_next)
+            d_next = slope(x_next, s, gamma[i + 1], sigma[i + 1])
+            x_next = x_hat + (level[i + 1] - level_hat) * (0.5 * d + 0.5 * d_next)
         x_hat = x_next
         if callback is not None:
             callback(i, s, gamma[i + 1] * x_hat)
