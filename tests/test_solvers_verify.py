@@ -75,6 +75,9 @@ MIXTURE = GaussianMixture(
     [0.3, 0.7], [[-1.5, 0.5], [1.0, -0.5]], torch.tensor([[0.3, 0.4], [0.5, 0.2]], dtype=F64)
 )
 ORDER_SDES = ("vp", "subvp", "ve", "vp_cosine")
+# VE starts at sigma_max = 50 with a 5000-fold range of sigma: its asymptotic regime (for Euler on
+# the mixture, above ~100 steps) begins later, so its order runs use 8 times the step counts
+STEP_SCALE = {"ve": 8}
 
 
 def draws_noise(name: str, params: dict[str, object]) -> bool:
@@ -122,7 +125,7 @@ def linear_output_law(solver: str, sde_name: str, **kw: object) -> tuple[Tensor,
 
 
 def order_errors(case: OrderCase, sde_name: str, target: GaussianMixture) -> list[float]:
-    """Max error at t_min of the solver over case.steps, from fixed x_T, against the exact
+    """Max error at t_min of the solver over case.steps (times STEP_SCALE), from fixed x_T, against the exact
     PF-ODE map (single Gaussian) or a dopri5 run at tolerance 1e-10 (mixture)."""
     sde = get_sde(sde_name)
     get_solver(case.solver)
@@ -134,7 +137,7 @@ def order_errors(case: OrderCase, sde_name: str, target: GaussianMixture) -> lis
         ref = sample(score, sde, x_T, solver="ode", steps=1, rtol=1e-10, atol=1e-10, denoise=False)
     errors = []
     for n in case.steps:
-        kw = dict(case.params, steps=n, grid=case.grid, denoise=False)
+        kw = dict(case.params, steps=n * STEP_SCALE.get(sde_name, 1), grid=case.grid, denoise=False)
         errors.append(float((sample(score, sde, x_T, solver=case.solver, **kw) - ref).abs().max()))
     return errors
 
@@ -149,9 +152,12 @@ def test_order_on_gaussian_against_exact_flow(case: OrderCase, sde_name: str) ->
     assert abs(slope(case.steps, errors) - case.order) <= 0.3, errors
 
 
+@pytest.mark.parametrize(
+    "sde_name", ["vp", *(pytest.param(n, marks=pytest.mark.slow) for n in ORDER_SDES[1:])]
+)
 @pytest.mark.parametrize("case", ORDER_TABLE, ids=str)
-def test_order_on_mixture_against_fine_reference(case: OrderCase) -> None:
-    errors = order_errors(case, "vp", MIXTURE)
+def test_order_on_mixture_against_fine_reference(case: OrderCase, sde_name: str) -> None:
+    errors = order_errors(case, sde_name, MIXTURE)
     assert abs(slope(case.steps, errors) - case.order) <= 0.3, errors
 
 
