@@ -183,14 +183,19 @@ class SDE(ABC):
         return -0.5 * d * math.log(2 * math.pi * s * s) - sq / (2 * s * s)
 
     def reverse_drift(self, x: Tensor, t: Tensor | float, score_fn: ScoreFn) -> Tensor:
-        """Drift of the reverse-time SDE, f(t) x - g(t)^2 s(x, t) (Anderson 1982; math.md 4)."""
+        """Drift of the reverse-time SDE, f(t) x - g(t)^2 s(x, t) (Anderson 1982; math.md 4).
+
+        A scalar t keeps the coefficients scalar; score_fn still receives t of shape (batch,).
+        """
         t = self.time(t, x)
-        return self.drift(x, t) - append_dims(self._g2(t), x.ndim) * score_fn(x, t)
+        score = score_fn(x, t.expand(x.shape[0]))
+        return self.drift(x, t) - append_dims(self._g2(t), x.ndim) * score
 
     def probability_flow_drift(self, x: Tensor, t: Tensor | float, score_fn: ScoreFn) -> Tensor:
-        """Velocity of the probability-flow ODE, f(t) x - g(t)^2 s(x, t) / 2."""
+        """Velocity of the probability-flow ODE, f(t) x - g(t)^2 s(x, t) / 2 (t as in reverse_drift)."""
         t = self.time(t, x)
-        return self.drift(x, t) - 0.5 * append_dims(self._g2(t), x.ndim) * score_fn(x, t)
+        score = score_fn(x, t.expand(x.shape[0]))
+        return self.drift(x, t) - 0.5 * append_dims(self._g2(t), x.ndim) * score
 
     @property
     def is_vp(self) -> bool:

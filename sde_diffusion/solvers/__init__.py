@@ -15,12 +15,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._tensor import check_finite
+from .._tensor import check_finite, is_finite
 from ..parametrize import tweedie_x0
 from ..sde import SDE, ScoreFn
-from . import ode, sde_solvers  # noqa: F401  (registers the solvers)
+from . import heun, ode, sde_solvers  # noqa: F401  (registers the solvers)
 from ._registry import SOLVERS, SolverSpec, generator_noise, get_solver, per_sample_noise
 from .grids import GRIDS, check_grid, time_grid
+from .heun import edm_heun
 from .ode import probability_flow_ode
 from .sde_solvers import euler_maruyama, langevin_step, predictor_corrector
 
@@ -28,6 +29,7 @@ __all__ = [
     "GRIDS",
     "SOLVERS",
     "SampleResult",
+    "edm_heun",
     "euler_maruyama",
     "get_solver",
     "langevin_step",
@@ -60,11 +62,14 @@ class _CountedScore:
         if not isinstance(out, Tensor) or out.shape != x.shape:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(
-                f"score_fn returned {shape} for x of shape {tuple(x.shape)} (step {self.step})"
+                f"score_fn returned {shape} for x of shape {tuple(x.shape)} at {self._where(t)}"
             )
-        t0 = t.reshape(-1)[0].item() if t.device.type == "cpu" else "?"
-        check_finite(out, f"score_fn output at step {self.step} (t={t0})")
+        if out.device.type == "cpu" and not is_finite(out):
+            raise ValueError(f"score_fn output at {self._where(t)} contains NaN or inf")
         return out
+
+    def _where(self, t: Tensor) -> str:
+        return f"step {self.step} (t={t.reshape(-1)[0].item()})"
 
 
 def sample(

@@ -10,7 +10,7 @@ from torch import Tensor
 from torchdiffeq import odeint
 
 from ..sde import SDE, ScoreFn
-from ._registry import Callback, at, register
+from ._registry import Callback, register
 
 ADAPTIVE_METHODS = ("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun")
 
@@ -36,7 +36,7 @@ def probability_flow_ode(
     """
 
     def velocity(t: Tensor, x: Tensor) -> Tensor:
-        return sde.probability_flow_drift(x, at(t, x), score_fn)
+        return sde.probability_flow_drift(x, t, score_fn)
 
     opts = dict(options or {})
     if method in ADAPTIVE_METHODS:

@@ -17,7 +17,7 @@ def _euler_maruyama_step(
 ) -> Tensor:
     """x <- x - [f(t) x - g(t)^2 s(x, t)] h + g(t) sqrt(h) z, with h = t - s > 0."""
     h = t - s
-    x = x - sde.reverse_drift(x, at(t, x), score_fn) * h
+    x = x - sde.reverse_drift(x, t, score_fn) * h
     return x if z is None else x + torch.sqrt(sde.g2(t) * h) * z
 
 
