@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from sde_diffusion import GaussianMixture, get_sde
+from sde_diffusion import VPSDE, GaussianMixture, get_sde
 from sde_diffusion.solvers import SOLVERS, euler_maruyama, get_solver, sample, time_grid
 
 F64 = torch.float64
@@ -392,3 +392,18 @@ def test_trajectory_has_one_state_per_grid_time(run) -> None:
         for t, x in zip(info.ts[1:], info.trajectory[1:-1], strict=True):
             exact = GAUSS.pf_ode_solution(x_T, sde.T, float(t), sde)
             assert (x - exact).abs().max() <= 0.05 * exact.abs().max()
+
+
+def test_adaptive_ode_evaluates_the_score_only_inside_the_grid():
+    """torchdiffeq's first-step guess is huge where the velocity is ~0 (near T); every score
+    evaluation must still lie in [t_end, T]."""
+    sde = VPSDE()
+    oracle = GaussianMixture.ring(8, 4.0, 0.5).score_fn(sde)
+    seen: list[float] = []
+
+    def score_fn(x, t):
+        seen.append(t[0].item())
+        return oracle(x, t)
+
+    sample(score_fn, sde, (500, 2), solver="ode", steps=10, dtype=torch.float64, denoise=False)
+    assert sde.t_min - 1e-12 <= min(seen) and max(seen) <= sde.T + 1e-12

@@ -40,9 +40,12 @@ def probability_flow_ode(
 
     opts = dict(options or {})
     if method in ADAPTIVE_METHODS:
-        # adaptive steps may overshoot the last time and interpolate back; t < t_end is outside
-        # the score's domain, so the final time is made a point the solver must step to
+        # adaptive steps may overshoot the last time and interpolate back, and torchdiffeq's
+        # first-step guess can be far larger than [t_end, T] where the velocity is nearly zero;
+        # times outside the score's domain are avoided by making the final time a point the
+        # solver must step to and starting with the grid's first interval
         opts.setdefault("step_t", ts[-1:])
+        opts.setdefault("first_step", float(ts[0] - ts[1]))
     path = odeint(velocity, x, ts, method=method, rtol=rtol, atol=atol, options=opts)
     if callback is not None:
         for i in range(1, len(ts)):
