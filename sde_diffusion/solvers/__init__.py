@@ -18,8 +18,10 @@ from tqdm.auto import tqdm
 from .._tensor import check_finite
 from ..parametrize import tweedie_x0
 from ..sde import SDE, ScoreFn
-from . import ode, sde_solvers  # noqa: F401  (registers the solvers)
+from . import ancestral, dpm_solver, ode, sde_solvers  # noqa: F401  (registers the solvers)
 from ._registry import SOLVERS, SolverSpec, generator_noise, get_solver, per_sample_noise
+from .ancestral import ddim, ddpm
+from .dpm_solver import dpm_solver_pp
 from .grids import GRIDS, check_grid, time_grid
 from .ode import probability_flow_ode
 from .sde_solvers import euler_maruyama, langevin_step, predictor_corrector
@@ -28,6 +30,9 @@ __all__ = [
     "GRIDS",
     "SOLVERS",
     "SampleResult",
+    "ddim",
+    "ddpm",
+    "dpm_solver_pp",
     "euler_maruyama",
     "get_solver",
     "langevin_step",
