@@ -46,11 +46,31 @@ def _eps_of_index(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return MIX.eps_fn(SDE)(x, _t_of(k).expand(x.shape[0]))
 
 
-def _float64_schedule(scheduler):
-    scheduler.betas = BETAS.clone()
-    scheduler.alphas = 1 - scheduler.betas
-    scheduler.alphas_cumprod = torch.cumprod(scheduler.alphas, 0)
-    return scheduler
+def _diffusers_loop(scheduler, x_T: torch.Tensor, **step_kw) -> torch.Tensor:
+    x = x_T.clone()
+    for k in scheduler.timesteps:
+        x = scheduler.step(_eps_of_index(x, k), k, x, **step_kw).prev_sample
+    return x
+
+
+def _ours(scheduler, x_T: torch.Tensor, solver: str, **kw):
+    """Our sampler on diffusers' timesteps, with the oracle's exact score."""
+    return sample(MIX.score_fn(SDE), SDE, x_T, solver=solver, grid=_t_of(scheduler.timesteps), **kw)
+
+
+def _scheduler(cls, **config):
+    """A diffusers scheduler on BETAS predicting eps, with its schedule recomputed in float64."""
+    s = cls(
+        num_train_timesteps=N,
+        trained_betas=BETAS.numpy(),
+        prediction_type="epsilon",
+        thresholding=False,
+        **config,
+    )
+    s.betas = BETAS.clone()
+    s.alphas = 1 - s.betas
+    s.alphas_cumprod = torch.cumprod(s.alphas, 0)
+    return s
 
 
 class _Float64Torch(types.ModuleType):
@@ -66,15 +86,7 @@ def dpm_float64(monkeypatch):
 
 
 def _dpm_scheduler(n: int, order: int) -> DPMSolverMultistepScheduler:
-    s = DPMSolverMultistepScheduler(
-        num_train_timesteps=N,
-        trained_betas=BETAS.numpy(),
-        solver_order=order,
-        prediction_type="epsilon",
-        algorithm_type="dpmsolver++",
-        thresholding=False,
-    )
-    _float64_schedule(s)
+    s = _scheduler(DPMSolverMultistepScheduler, solver_order=order, algorithm_type="dpmsolver++")
     s.set_timesteps(n)
     abar = s.alphas_cumprod
     sig = ((1 - abar) / abar).sqrt()[s.timesteps]
@@ -92,59 +104,24 @@ def _dpm_scheduler(n: int, order: int) -> DPMSolverMultistepScheduler:
     ],
 )
 def test_ddpm_matches_diffusers(variance, steps):
-    s = _float64_schedule(
-        DDPMScheduler(
-            num_train_timesteps=N,
-            trained_betas=BETAS.numpy(),
-            variance_type=variance,
-            clip_sample=False,
-            thresholding=False,
-            prediction_type="epsilon",
-        )
-    )
+    s = _scheduler(DDPMScheduler, variance_type=variance, clip_sample=False)
     s.set_timesteps(steps)
-    x_T = _x_T()
-    x, gen = x_T.clone(), torch.Generator().manual_seed(7)
-    for k in s.timesteps:  # diffusers draws its noise at every step but the last (k = 0)
-        x = s.step(_eps_of_index(x, k), k, x, generator=gen).prev_sample
-    ours = sample(
-        MIX.score_fn(SDE),
-        SDE,
-        x_T,
-        solver="ddpm",
-        grid=_t_of(s.timesteps),
-        variance=variance,
-        generator=torch.Generator().manual_seed(7),
-    )
+    # both draw their noise from a generator seeded alike, one draw per step in the same order
+    # (diffusers at every step but the last, k = 0, which is our denoising step)
+    x = _diffusers_loop(s, _x_T(), generator=torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(7)
+    ours = _ours(s, _x_T(), "ddpm", variance=variance, generator=gen)
     assert (ours - x).abs().max() <= TOL
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.3, 1.0])
 def test_ddim_matches_diffusers(eta):
-    s = _float64_schedule(
-        DDIMScheduler(
-            num_train_timesteps=N,
-            trained_betas=BETAS.numpy(),
-            clip_sample=False,
-            thresholding=False,
-            prediction_type="epsilon",
-            set_alpha_to_one=True,
-        )
-    )
+    s = _scheduler(DDIMScheduler, clip_sample=False, set_alpha_to_one=True)
     s.set_timesteps(40)
-    x_T = _x_T()
-    x, gen = x_T.clone(), torch.Generator().manual_seed(3)
-    for k in s.timesteps:  # the last step (to alpha_bar = 1) has variance 0: its draw is unused
-        x = s.step(_eps_of_index(x, k), k, x, eta=eta, generator=gen if eta else None).prev_sample
-    ours = sample(
-        MIX.score_fn(SDE),
-        SDE,
-        x_T,
-        solver="ddim",
-        grid=_t_of(s.timesteps),
-        eta=eta,
-        generator=torch.Generator().manual_seed(3),
-    )
+    # diffusers' last step (to alpha_bar = 1) has variance 0: its extra draw is unused
+    gen = torch.Generator().manual_seed(3) if eta else None
+    x = _diffusers_loop(s, _x_T(), eta=eta, generator=gen)
+    ours = _ours(s, _x_T(), "ddim", eta=eta, generator=torch.Generator().manual_seed(3))
     assert (ours - x).abs().max() <= TOL
 
 
@@ -153,20 +130,8 @@ def test_dpm_solver_2m_matches_diffusers(dpm_float64, steps):
     """2M step for step. diffusers' lower_order_final acts on its last step, to sigma = 0, which
     is our denoising step; our grid (diffusers' timesteps) itself runs at full order."""
     s = _dpm_scheduler(steps, order=2)
-    x_T = _x_T()
-    x = x_T.clone()
-    for k in s.timesteps:
-        x = s.step(_eps_of_index(x, k), k, x).prev_sample
-    res = sample(
-        MIX.score_fn(SDE),
-        SDE,
-        x_T,
-        solver="dpm_solver",
-        grid=_t_of(s.timesteps),
-        order=2,
-        lower_order_final=False,
-        return_info=True,
-    )
+    x = _diffusers_loop(s, _x_T())
+    res = _ours(s, _x_T(), "dpm_solver", order=2, lower_order_final=False, return_info=True)
     assert res.nfe == steps
     assert (res.samples - x).abs().max() <= TOL
 
@@ -175,42 +140,30 @@ def test_dpm_solver_3m_differs_from_diffusers_only_in_the_second_difference(dpm_
     """diffusers' 3M weighs its second divided difference D2 ~ h^2 x0''/2 with the coefficient
     of h^2 x0'' (see dpm_solver._multistep_update), so its 3M steps differ from ours by exactly
     gamma_t phi_3 D2: adding that to each of its 3M steps reproduces our sampler."""
-    s = _dpm_scheduler(20, order=3)
-    original = s.multistep_dpm_solver_third_order_update
+    ours = _ours(
+        _dpm_scheduler(20, order=3), _x_T(), "dpm_solver", order=3, lower_order_final=False
+    )
+    as_is = _diffusers_loop(_dpm_scheduler(20, order=3), _x_T())
+    assert (ours - as_is).abs().max() > 1e-4  # the difference is real...
 
-    def doubled_d2(model_output_list, *, sample, noise=None):
-        i = s.step_index
-        x_t = original(model_output_list, sample=sample, noise=noise)
-        lam = [-torch.log(s.sigmas[j]) for j in (i - 2, i - 1, i, i + 1)]  # alpha/sigma = 1/sig
+    fixed = _dpm_scheduler(20, order=3)
+    third_order_update = fixed.multistep_dpm_solver_third_order_update
+
+    def with_full_d2(model_output_list, *, sample, noise=None):
+        i = fixed.step_index
+        x_t = third_order_update(model_output_list, sample=sample, noise=noise)
+        # diffusers' sigmas are sigma_t / alpha_t, so lambda = -log(sigma)
+        lam = [-torch.log(fixed.sigmas[j]) for j in (i - 2, i - 1, i, i + 1)]
         h = lam[3] - lam[2]
         r0, r1 = (lam[2] - lam[1]) / h, (lam[1] - lam[0]) / h
         m2, m1, m0 = model_output_list[-3:]
         d2 = ((m0 - m1) / r0 - (m1 - m2) / r1) / (r0 + r1)
-        alpha_t = 1 / torch.sqrt(s.sigmas[i + 1] ** 2 + 1)
+        alpha_t = 1 / torch.sqrt(fixed.sigmas[i + 1] ** 2 + 1)
         phi_3 = (torch.expm1(-h) / h + 1) / h - 0.5
         return x_t - alpha_t * phi_3 * d2
 
-    x_T = _x_T()
-    ours = sample(
-        MIX.score_fn(SDE),
-        SDE,
-        x_T,
-        solver="dpm_solver",
-        grid=_t_of(s.timesteps),
-        order=3,
-        lower_order_final=False,
-    )
-    x = x_T.clone()
-    for k in s.timesteps:
-        x = s.step(_eps_of_index(x, k), k, x).prev_sample
-    assert (ours - x).abs().max() > 1e-4  # the difference is real...
-    s = _dpm_scheduler(20, order=3)
-    original = s.multistep_dpm_solver_third_order_update
-    s.multistep_dpm_solver_third_order_update = doubled_d2
-    x = x_T.clone()
-    for k in s.timesteps:
-        x = s.step(_eps_of_index(x, k), k, x).prev_sample
-    assert (ours - x).abs().max() <= TOL  # ...and it is that term alone
+    fixed.multistep_dpm_solver_third_order_update = with_full_d2
+    assert (ours - _diffusers_loop(fixed, _x_T())).abs().max() <= TOL  # ...and it is that term
 
 
 # ---- adapters: a diffusers UNet2DModel and scheduler configs ---------------------------------
@@ -243,7 +196,7 @@ def test_unet2d_dpm_solver_matches_diffusers_loop(dpm_float64):
     sde = sde_from_scheduler_config(s.config)
     x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     x = x_T.clone()
-    for k in s.timesteps:
+    for k in s.timesteps:  # diffusers' own sampling loop
         x = s.step(unet(x, k).sample, k, x).prev_sample
     score_fn = model_score_fn(lambda x, t: unet(x, t).sample, sde, "eps", time_input="index")
     ours = sample(

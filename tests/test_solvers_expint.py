@@ -149,10 +149,17 @@ def test_nfe_is_what_the_solver_spends(solver, params, nfe_per_step):
     assert res.nfe == len(calls) == 7 * nfe_per_step + 1  # + the final denoising step
 
 
-@pytest.mark.parametrize("solver", ["ddpm", "ddim", "dpm_solver"])
-def test_per_sample_seeds_and_float32(solver):
+@pytest.mark.parametrize(
+    ("solver", "kw"),
+    [
+        ("ddpm", {}),
+        ("ddim", {"eta": 1.0}),
+        ("dpm_solver", {"order": 3}),
+        ("dpm_solver", {"order": 3, "method": "singlestep"}),
+    ],
+)
+def test_per_sample_seeds_and_float32(solver, kw):
     sde = VPSDE()
-    kw = {"eta": 1.0} if solver == "ddim" else {}
     run = functools.partial(
         sample, RING.score_fn(sde), sde, solver=solver, steps=6, dtype=torch.float32, **kw
     )

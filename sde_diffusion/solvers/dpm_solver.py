@@ -35,7 +35,9 @@ def _data_prediction(score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor) -> Tenso
     return tweedie_x0(x, t, score_fn(x, t), sde)
 
 
-def _first_order(x: Tensor, m: Tensor, sig_s: Tensor, sig_t: Tensor, gam_t: Tensor, h: Tensor):
+def _first_order(
+    x: Tensor, m: Tensor, sig_s: Tensor, sig_t: Tensor, gam_t: Tensor, h: Tensor
+) -> Tensor:
     """DPM-Solver++-1 (= DDIM) from s to t: x_t = (sigma_t/sigma_s) x_s - gamma_t (e^{-h} - 1) m."""
     return (sig_t / sig_s) * x - (gam_t * torch.expm1(-h)) * m
 
