@@ -403,3 +403,52 @@ def test_sigma_adapter_gives_back_the_exact_score(name):
     t = torch.linspace(0.02, 1.0, 16, dtype=torch.float64) * sde.T
     x = mix.sample_t(16, 0.5 * sde.T, sde, torch.Generator().manual_seed(1))
     torch.testing.assert_close(score_fn(x, t), mix.score(x, t, sde), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(("steps", "first_order_last"), [(8, True), (15, False)])
+def test_lower_order_final_makes_the_last_multistep_step_ddim(steps, first_order_last):
+    """With lower_order_final, grids of fewer than 15 steps end with a first-order (DDIM) step:
+    the last step then depends on x at ts[-2] alone."""
+    sde = VPSDE()
+    ts, x_T, score_fn = time_grid(sde, steps, "log_snr"), _x_T(sde), RING.score_fn(sde)
+    states = []
+    out = dpm_solver_pp(score_fn, sde, x_T, ts, order=3, callback=lambda i, t, x: states.append(x))
+    last = ddim(score_fn, sde, states[-2], ts[-2:], noise=_seeded_noise(0))
+    assert torch.allclose(out, last, rtol=0, atol=1e-12) == first_order_last
+
+
+GPU_CASES = [
+    ("ddpm", "ddpm", {}),
+    *(
+        (name, solver, kw)
+        for name in ("ddpm", "ve")
+        for solver, kw in [
+            ("ddim", {"eta": 0.5}),
+            ("dpm_solver", {"order": 2}),
+            ("dpm_solver", {"order": 3}),
+            ("dpm_solver", {"order": 3, "method": "singlestep"}),
+        ]
+    ),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("name", "solver", "kw"), GPU_CASES)
+def test_cuda_matches_cpu(name, solver, kw):
+    """Per-sample seeds draw the same noise on either device, so the results agree."""
+    sde = SDES[name]()
+    run = functools.partial(
+        sample,
+        RING.score_fn(sde),
+        sde,
+        (8, 2),
+        solver=solver,
+        steps=10,
+        seeds=range(8),
+        dtype=torch.float64,
+        **kw,
+    )
+    cpu, gpu = run(device="cpu"), run(device="cuda")
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-9, atol=1e-9)
