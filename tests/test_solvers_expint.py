@@ -83,6 +83,13 @@ def test_ddpm_on_the_chain_grid_is_ho_algorithm_2(name, variance):
     torch.testing.assert_close(ours, x, rtol=0, atol=1e-10)
 
 
+def test_ddpm_default_grid_with_n_minus_1_steps_is_the_chain():
+    sde = DiscreteVPSDE.ddpm()
+    chain = sde.discretize(sde.N)
+    torch.testing.assert_close(time_grid(sde, sde.N - 1), chain.t.flip(0), rtol=0, atol=1e-12)
+    assert get_solver("ddpm").default_grid == "uniform"
+
+
 @pytest.mark.parametrize("name", VP_SDES)
 def test_ddim_eta_one_is_ddpm_with_posterior_variance(name):
     sde = SDES[name]()

@@ -49,10 +49,11 @@ def ddpm(
         x_s = (x_t - beta / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha) + sqrt(v) z,
 
     v = beta_tilde = (1 - alpha_bar_s) / (1 - alpha_bar_t) beta ("fixed_small", the posterior
-    variance) or v = beta ("fixed_large"). On DiscreteVPSDE.ddpm() with the grid t_N, ..., t_1
-    this is the DDPM chain step for step; its last step x_1 -> x_0 (z = 0) is the Tweedie step
-    of `sample(denoise=True)`. Coarser grids give DDPM with skipped steps (alpha from the
-    alpha_bar ratio, as diffusers' DDPMScheduler does with fewer inference steps).
+    variance) or v = beta ("fixed_large"). On a DiscreteVPSDE of N betas with the grid t_N, ...,
+    t_1 (`steps=N - 1` on the default uniform grid) this is the DDPM chain step for step; its
+    last step x_1 -> x_0 (z = 0) is the Tweedie step of `sample(denoise=True)`. Coarser grids
+    give DDPM with skipped steps (alpha from the alpha_bar ratio, as diffusers' DDPMScheduler
+    does with fewer inference steps).
     """
     _check_vp(sde)
     if variance not in VARIANCES:

@@ -124,10 +124,15 @@ def dpm_solver_pp(
     method="multistep" (2M, 3M; the paper's Algorithm 2 and its third-order extension): one
     score evaluation per step, reusing the x0 predictions of the previous `order - 1` grid
     points; the first steps warm up with orders 1, 2, ... With `lower_order_final`, grids of
-    fewer than 15 steps finish with lower orders (order min(order, steps left)), which
-    stabilises very few steps, as in the reference implementation and diffusers.
+    fewer than 15 steps finish with lower orders, min(order, steps left), which stabilises very
+    few steps (diffusers' threshold; the reference implementation uses 10). 3M weighs its second
+    divided difference by the Taylor coefficient (see `_multistep_update`), so it is third order
+    where the reference's and diffusers' 3M are second order.
     method="singlestep" (2S, 3S): `order` evaluations per step at intermediate log-SNRs.
     order=1 is DDIM (eta = 0) in either method. NFE: steps (multistep) or order * steps.
+    On the grid of diffusers' timesteps with lower_order_final=False, followed by
+    `sample(denoise=True)`, 2M is diffusers' DPMSolverMultistepScheduler step for step: its
+    final first-order step to sigma = 0 returns the data prediction, i.e. Tweedie.
     """
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order}")
