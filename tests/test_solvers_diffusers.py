@@ -211,7 +211,6 @@ def test_unet2d_dpm_solver_matches_diffusers_loop(dpm_float64):
     assert (ours - x).abs().max() <= 1e-8
 
 
-@torch.no_grad()
 def test_readme_snippet_runs():
     """The README's example, as written there (a random UNet instead of a download)."""
     import torch
@@ -220,14 +219,14 @@ def test_readme_snippet_runs():
     from sde_diffusion import model_score_fn, sde_from_scheduler_config
     from sde_diffusion.solvers import sample
 
-    unet = UNet2DModel(  # or UNet2DModel.from_pretrained("google/ddpm-cifar10-32")
+    unet = UNet2DModel(  # or a trained one: UNet2DModel.from_pretrained(...)
         sample_size=8,
         block_out_channels=(32, 64),
         layers_per_block=1,
         down_block_types=("DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D"),
     ).eval()
-    scheduler = DDPMScheduler()  # or DDPMScheduler.from_pretrained(repo, subfolder="scheduler")
+    scheduler = DDPMScheduler()  # or the checkpoint's own: DDPMScheduler.from_pretrained(...)
     sde = sde_from_scheduler_config(scheduler.config)
     score_fn = model_score_fn(
         lambda x, t: unet(x, t).sample, sde, prediction="eps", time_input="index"
