@@ -82,7 +82,7 @@ def _singlestep_update(
 ) -> Tensor:
     """One singlestep update of the given order from t_prev to t, with intermediate points
     at lambda_{t_prev} + r h: r = 1/2 (2S, Algorithm 1 of the paper) or r = 1/3, 2/3 (3S, the
-    DPM-Solver-3 of Lu et al. 2022a, Algorithm 2, in data-prediction form)."""
+    DPM-Solver-3 of Lu et al. 2022a in data-prediction form)."""
     lam_s, lam_t = sde.log_snr(t_prev), sde.log_snr(t)
     h = lam_t - lam_s
     (_, sig_s), (gam_t, sig_t) = sde.marginal(t_prev), sde.marginal(t)
