@@ -57,7 +57,9 @@ def _multistep_update(
 
     since integral_0^h e^{-(h-u)} u^2/2 du = -h^2 phi_3. The reference implementation, diffusers
     and k-diffusion take D2 = (D1_0 - D1_1)/(r0 + r1) ~ h^2 x0''/2, half of this term, which
-    leaves a local error O(h^3): their 3M converges with order 2 (tests/test_solvers_expint.py).
+    leaves a local error O(h^3): their 3M converges with order 2 (measured slopes 1.1-1.8 on EDM
+    grids of 20-160 steps, where this one gives 3.0; tests/test_solvers_diffusers.py pins that
+    the two differ by that term alone).
     """
     h = lam[-1] - lam[-2]
     x_t = _first_order(x, m[-1], sig_s, sig_t, gam_t, h)
