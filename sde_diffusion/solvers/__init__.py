@@ -18,8 +18,10 @@ from tqdm.auto import tqdm
 from .._tensor import check_finite, is_finite
 from ..parametrize import tweedie_x0
 from ..sde import SDE, ScoreFn
-from . import heun, ode, sde_solvers  # noqa: F401  (registers the solvers)
+from . import ancestral, dpm_solver, heun, ode, sde_solvers  # noqa: F401  (registers the solvers)
 from ._registry import SOLVERS, SolverSpec, generator_noise, get_solver, per_sample_noise
+from .ancestral import ddim, ddpm
+from .dpm_solver import dpm_solver_pp
 from .grids import GRIDS, check_grid, time_grid
 from .heun import edm_heun
 from .ode import probability_flow_ode
@@ -29,6 +31,9 @@ __all__ = [
     "GRIDS",
     "SOLVERS",
     "SampleResult",
+    "ddim",
+    "ddpm",
+    "dpm_solver_pp",
     "edm_heun",
     "euler_maruyama",
     "get_solver",
