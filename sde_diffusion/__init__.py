@@ -5,6 +5,8 @@ parametrisations, and (in the submodules) solvers, training, likelihood and guid
 Nothing here imports Hydra: the apps in `sde_diffusion.train` / `.sample` / `.report` do.
 """
 
+from .guidance import cfg_score_fn, classifier_guided_score_fn, inpaint
+from .likelihood import bits_per_dim, ddpm_bound, ode_log_likelihood
 from .oracle import GaussianMixture
 from .parametrize import (
     eps_to_prediction,
@@ -24,23 +26,34 @@ from .sde import (
     SubVPSDE,
     get_sde,
 )
+from .solvers import SOLVERS, SampleResult, sample, time_grid
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SDE",
+    "SOLVERS",
     "VESDE",
     "VPSDE",
     "CosineVPSDE",
     "DiscreteSchedule",
     "DiscreteVPSDE",
     "GaussianMixture",
+    "SampleResult",
     "ScoreFn",
     "SubVPSDE",
+    "bits_per_dim",
+    "cfg_score_fn",
+    "classifier_guided_score_fn",
+    "ddpm_bound",
     "eps_to_prediction",
     "get_sde",
+    "inpaint",
     "model_score_fn",
+    "ode_log_likelihood",
     "prediction_to_eps",
+    "sample",
     "sde_from_scheduler_config",
+    "time_grid",
     "tweedie_x0",
 ]

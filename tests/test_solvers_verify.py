@@ -38,27 +38,28 @@ class OrderCase:
 ORDER_TABLE = [
     OrderCase("ode", 1, {"method": "euler"}, grid="uniform"),
     OrderCase("heun", 2, steps=(8, 16, 32, 64)),
-    OrderCase("ddim", 1, {"eta": 0.0}),
-    OrderCase("dpm_solver", 2, {"order": 2, "method": "multistep"}, steps=(8, 16, 32, 64)),
-    OrderCase("dpm_solver", 3, {"order": 3, "method": "multistep"}, steps=(8, 16, 32, 64)),
 ]
+# The exponential integrators (ddim, DPM-Solver++ 2M/3M/2S/3S) have their order tests in
+# test_solvers_expint.py, on the EDM grid: its varying log-SNR steps exercise the multistep step
+# ratios, where a uniform log-SNR grid lets 3M superconverge on a Gaussian (slope ~4).
 
 # Every registered solver at its defaults (steps=20, its own grid, final Tweedie denoising) lands
 # within this exact KL of a 2-D Gaussian target and this sliced W2 of a 2-D mixture.
 # Measured (2026-11, VP): euler_maruyama 1.8e-3, pc 3.2e-3, ode 2.7e-5 (the floor set by the prior
 # N(0, I) != p_T), heun 2.8e-3 (EDM's grid takes large steps at VP's sigma_hat_T ~ 150); sliced W2
-# 0.02-0.07 against a sampling floor of 0.02-0.04. The ddpm / ddim / dpm_solver bounds are set from
-# their orders and must be confirmed when that branch is merged.
+# 0.02-0.07 against a sampling floor of 0.02-0.04; ddpm 0.069 and 0.14, ddim 0.022 and 0.084,
+# dpm_solver (2M) 3.6e-4: ancestral DDPM needs far more than 20 steps, as is well known.
 DEFAULT_KL_BOUND = {
     "euler_maruyama": 4e-3,
     "pc": 6e-3,
     "ode": 1e-4,
     "heun": 5e-3,
-    "ddpm": 0.02,
-    "ddim": 0.02,
+    "ddpm": 0.1,
+    "ddim": 0.04,
     "dpm_solver": 1e-3,
 }
 DEFAULT_SW2_BOUND = 0.1
+SW2_BOUND = {"ddpm": 0.2}
 # Registered as stochastic (they take noise) but drawing none at their defaults.
 NOISELESS_DEFAULTS = {"heun", "ddim"}
 # Parameters that exercise each solver's optional machinery (noise in heun, several corrector
@@ -237,7 +238,7 @@ def test_default_settings_mixture_sliced_w2(name: str) -> None:
     sde = get_sde("vp")
     g = torch.Generator().manual_seed(2)
     x = sample(MIXTURE.score_fn(sde), sde, (4000, 2), solver=name, dtype=F64, generator=g)
-    assert sliced_w2(x, MIXTURE.sample(4000, g), g) <= DEFAULT_SW2_BOUND
+    assert sliced_w2(x, MIXTURE.sample(4000, g), g) <= SW2_BOUND.get(name, DEFAULT_SW2_BOUND)
 
 
 def test_sliced_w2_bound_separates_a_wrong_distribution() -> None:
