@@ -235,10 +235,8 @@ def inpaint(
     The result holds x_known exactly on the mask.
     """
     spec = get_solver(solver)
-    if spec.stochastic and "noise_last" not in inspect.signature(spec.fn).parameters:
-        raise ValueError(
-            f"solver {solver!r} cannot be run one interval at a time (it takes no noise_last)"
-        )
+    # solvers that drop their last step's noise must keep it here: every interval is a last step
+    keep_last_noise = "noise_last" in inspect.signature(spec.fn).parameters
     if isinstance(grid, Tensor):
         ts = check_grid(grid, sde)
     else:
@@ -260,7 +258,9 @@ def inpaint(
         if j > i:  # reverse step ts[i] -> ts[j] on the whole state, after replacement
             params = dict(solver_params)
             if spec.stochastic:
-                params.update(noise=noise, noise_last=k < len(moves) - 1)
+                params["noise"] = noise
+            if keep_last_noise:
+                params["noise_last"] = k < len(moves) - 1
             x = spec.fn(score_fn, sde, observe(x, i), ts_x[[i, j]], **params)
         else:  # forward jump ts[i] -> ts[j] (j < i, a later time) with the exact kernel
             a = gamma[j] / gamma[i]

@@ -31,6 +31,7 @@ def image_oracle() -> GaussianMixture:
         ("euler_maruyama", {}),
         ("pc", {"n_corrector": 1}),
         ("ode", {"method": "euler"}),
+        ("ddpm", {}),
     ],
 )
 def test_known_pixels_exactly_preserved(solver, kw, dtype):

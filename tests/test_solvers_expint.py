@@ -24,6 +24,7 @@ from sde_diffusion import (
     tweedie_x0,
 )
 from sde_diffusion.solvers import (
+    IncompatibleSDEError,
     SolverSpec,
     ddim,
     ddpm,
@@ -186,7 +187,7 @@ def test_per_sample_seeds_and_float32(solver, kw):
 
 @pytest.mark.parametrize("name", ["subvp", "ve"])
 def test_ddpm_rejects_non_vp_sdes(name):
-    with pytest.raises(ValueError, match=r"variance-preserving.*vp, vp_cosine, ddpm"):
+    with pytest.raises(IncompatibleSDEError, match=r"variance-preserving.*vp, vp_cosine, ddpm"):
         sample(GAUSS.score_fn(SDES[name]()), SDES[name](), (2, 2), solver="ddpm", steps=3)
 
 

@@ -19,7 +19,14 @@ from .._tensor import check_finite, is_finite
 from ..parametrize import tweedie_x0
 from ..sde import SDE, ScoreFn
 from . import ancestral, dpm_solver, heun, ode, sde_solvers  # noqa: F401  (registers the solvers)
-from ._registry import SOLVERS, SolverSpec, generator_noise, get_solver, per_sample_noise
+from ._registry import (
+    SOLVERS,
+    IncompatibleSDEError,
+    SolverSpec,
+    generator_noise,
+    get_solver,
+    per_sample_noise,
+)
 from .ancestral import ddim, ddpm
 from .dpm_solver import dpm_solver_pp
 from .grids import GRIDS, check_grid, time_grid
@@ -30,6 +37,7 @@ from .sde_solvers import euler_maruyama, langevin_step, predictor_corrector
 __all__ = [
     "GRIDS",
     "SOLVERS",
+    "IncompatibleSDEError",
     "SampleResult",
     "ddim",
     "ddpm",

@@ -3,8 +3,11 @@
 A solver is a plain function `solver(score_fn, sde, x, ts, *, callback=None, [noise], **params)`
 that steps x from ts[0] down to ts[-1] and returns it. Stochastic solvers take `noise`, a callable
 returning standard normal noise shaped like its argument; `sample()` passes it only to them.
-A stochastic solver's last step adds no noise (it returns the step's mean) unless it is called
-with `noise_last=True`, which callers that step a grid one interval at a time (inpainting) pass.
+Euler–Maruyama and predictor–corrector (score_sde's convention) add no noise on their last step
+unless called with `noise_last=True`, which callers that step a grid one interval at a time
+(inpainting) pass; the ancestral samplers (ddpm, ddim) draw noise on every step, as the chain does.
+A solver that cannot work on an SDE raises IncompatibleSDEError, so sweeps can report the
+combination as invalid rather than failed.
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ class SolverSpec:
 
 
 SOLVERS: dict[str, SolverSpec] = {}
+
+
+class IncompatibleSDEError(ValueError):
+    """A solver asked to run on an SDE it is not defined for (ddpm on VE, say)."""
 
 
 def register(

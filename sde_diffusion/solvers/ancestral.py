@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..sde import SDE, SDE_NAMES, ScoreFn, VPFamilySDE
-from ._registry import Callback, NoiseSource, at, register, steps
+from ._registry import Callback, IncompatibleSDEError, NoiseSource, at, register, steps
 
 VARIANCES = ("fixed_small", "fixed_large")
 
@@ -24,7 +24,7 @@ __all__ = ["VARIANCES", "ddim", "ddpm"]
 def _check_vp(sde: SDE) -> None:
     if not sde.is_vp:
         valid = ", ".join(n for n, c in SDE_NAMES.items() if issubclass(c, VPFamilySDE))
-        raise ValueError(
+        raise IncompatibleSDEError(
             f"ddpm needs a variance-preserving SDE (get_sde names {valid}), got {sde!r}; "
             "for other SDEs use ddim (eta=1 is the same ancestral sampler written with gamma/sigma)"
         )
