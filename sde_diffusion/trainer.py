@@ -75,7 +75,8 @@ class TrainConfig:
 
     steps: total optimizer steps. batch_size: global batch (split across DDP ranks).
     lr, weight_decay, betas: AdamW. warmup_steps: linear LR warm-up from lr/warmup_steps.
-    grad_clip: max global grad norm (0 disables). ema_decay: EMA of the weights (used for sampling).
+    grad_clip: max global grad norm (0 disables). ema_decay: EMA of the weights (used for sampling),
+    warmed up as min(ema_decay, (1 + n) / (10 + n)) at step n.
     log_every: steps per metrics row / NaN check. checkpoint_every, keep_last: checkpoints kept.
     sample_every: steps between sample figures (0: only at the end; -1: never); sample_steps and
     num_samples: Euler-Maruyama steps and samples per figure. device: auto, cpu, cuda, cuda:N, mps.
@@ -259,11 +260,12 @@ class Trainer:
             for e, p in zip(self.ema_model.parameters(), self.model.parameters(), strict=True)
             if p.requires_grad
         ]
-        self.opt = torch.optim.AdamW(
+        self.opt = torch.optim.AdamW(  # foreach: one kernel per op for all tensors, also on CPU
             self.params,
             lr=self.cfg.lr,
             betas=tuple(self.cfg.betas),
             weight_decay=self.cfg.weight_decay,
+            foreach=True,
         )
         self.generator = torch.Generator(self.device).manual_seed(self.cfg.seed + self.rank)
         net: nn.Module = self.model
@@ -356,8 +358,10 @@ class Trainer:
         else:
             gnorm = torch.zeros((), device=self.device)
         self.opt.step()
-        # EMA: e <- e + (1 - decay) (p - e)
-        torch._foreach_lerp_(self.ema_params, self.params, 1.0 - self.cfg.ema_decay)
+        # EMA: e <- e + (1 - decay) (p - e), with the decay warmed up as (1 + n) / (10 + n) so that
+        # short runs are not dominated by the initial weights
+        decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        torch._foreach_lerp_(self.ema_params, self.params, 1.0 - decay)
         self.step += 1
         return loss.detach(), gnorm.detach()
 
