@@ -86,6 +86,7 @@ if __name__ == "__main__":
     a = p.parse_args()
     r = run(a.steps, a.out, max_minutes=a.minutes)
     print(
-        f"trained {r['steps']} steps in {r['train_s'] / 60:.1f} min; classifier agrees with the requested digit "
-        f"on {r['sample_accuracy']:.0%} of samples (on real held-out digits: {r['real_accuracy']:.0%}); grid: {r['grid']}"
+        f"trained {r['steps']} steps in {r['train_s'] / 60:.1f} min; a classifier reads the "
+        f"requested digit in {r['sample_accuracy']:.0%} of samples (real held-out digits: "
+        f"{r['real_accuracy']:.0%}); grid: {r['grid']}"
     )

@@ -57,7 +57,7 @@ class SubVPConfig:
 
 @dataclass
 class VEConfig:
-    """Variance-exploding SDE; sigma_max should be about the largest distance between data points."""
+    """Variance-exploding SDE; sigma_max should be about the largest distance between data."""
 
     name: str = "ve"
     sigma_min: float = 0.01
@@ -112,7 +112,8 @@ def _check_model(cfg: Any) -> None:
         raise ValueError(f"unknown model.name {cfg.name!r}; valid choices: {', '.join(NETS)}")
     if cfg.time_embedding not in TIME_EMBEDDINGS:
         raise ValueError(
-            f"unknown model.time_embedding {cfg.time_embedding!r}; valid choices: {', '.join(TIME_EMBEDDINGS)}"
+            f"unknown model.time_embedding {cfg.time_embedding!r}; "
+            f"valid choices: {', '.join(TIME_EMBEDDINGS)}"
         )
 
 

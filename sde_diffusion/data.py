@@ -219,7 +219,7 @@ def load_data(cfg: DataConfig) -> DataSplit:
     else:
         x, labels = load_array(cfg.path)
         num_classes = int(labels.max()) + 1 if labels is not None else 0
-    n_test = int(round(cfg.holdout * x.shape[0]))
+    n_test = round(cfg.holdout * x.shape[0])
     perm = torch.randperm(x.shape[0], generator=g)
     tr, te = perm[n_test:], perm[:n_test]
     if tr.numel() == 0:

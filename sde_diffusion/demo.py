@@ -27,7 +27,9 @@ from .trainer import TrainConfig, Trainer
 MLP = {"width": 128, "depth": 3, "time_embedding": "fourier", "embed_dim": 64}
 
 
-def run(steps: int = 3000, out: str | Path = "outputs/demo", progress: bool = True, seed: int = 0) -> dict:
+def run(
+    steps: int = 3000, out: str | Path = "outputs/demo", progress: bool = True, seed: int = 0
+) -> dict:
     """Train, sample and score; returns {'sw', 'sw_data', 'train_s', 'figure'}."""
     data = load_data(DataConfig(name="swiss_roll", n=22000, holdout=2000 / 22000, seed=seed))
     cfg = TrainConfig(
@@ -51,14 +53,19 @@ def run(steps: int = 3000, out: str | Path = "outputs/demo", progress: bool = Tr
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="Train an MLP on the swiss roll (CPU, about a minute) and score it.")
+    p = argparse.ArgumentParser(
+        description="Train an MLP on the swiss roll (CPU, about a minute) and score it."
+    )
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--out", default="outputs/demo")
     a = p.parse_args()
     r = run(a.steps, a.out)
     print(f"trained {a.steps} steps in {r['train_s']:.0f} s")
     print(f"sliced W2 (samples vs held-out data): {r['sw']:.4f}")
-    print(f"sliced W2 (training vs held-out data, for scale): {r['sw_data']:.4f}  ratio {r['sw'] / r['sw_data']:.2f}")
+    print(
+        f"sliced W2 (training vs held-out data, for scale): {r['sw_data']:.4f}  "
+        f"ratio {r['sw'] / r['sw_data']:.2f}"
+    )
     print(f"figure: {r['figure']}")
 
 

@@ -1,10 +1,11 @@
 """Denoising score matching (math.md section 3) with the standard weightings.
 
-    L(theta) = E_{t ~ U(t_min, T)} E_{x_0, eps} [ lambda(t) || s_theta(x_t, t) + eps / sigma_t ||^2 ] / D
+    L(theta) = E_{t ~ U(t_min, T)} E_{x_0, eps}[lambda(t) ||s_theta(x_t, t) + eps/sigma_t||^2] / D
 
 with x_t = gamma_t x_0 + sigma_t eps and D the number of dimensions of one sample (we average
 over dimensions, so the scale of the loss does not grow with image size). The networks predict
-eps and s_theta = -eps_theta / sigma_t, so the integrand is lambda(t) / sigma_t^2 ||eps - eps_theta||^2:
+eps and s_theta = -eps_theta / sigma_t, so the integrand is
+lambda(t) / sigma_t^2 ||eps - eps_theta||^2:
 
     simple      lambda = sigma_t^2   -> ||eps - eps_theta||^2          (DDPM's eps-MSE)
     likelihood  lambda = g(t)^2      -> g^2 / sigma^2 ||eps - eps_theta||^2  (Song et al. 2021b)
@@ -54,7 +55,8 @@ class LossConfig:
             )
         if self.importance_sampling and self.weighting != "likelihood":
             raise ValueError(
-                f"importance_sampling applies to the likelihood weighting only, got weighting={self.weighting!r}"
+                "importance_sampling applies to the likelihood weighting only, "
+                f"got weighting={self.weighting!r}"
             )
         if not (math.isfinite(self.t_min) and self.t_min > 0):
             raise ValueError(f"loss.t_min must be a finite number > 0, got {self.t_min}")

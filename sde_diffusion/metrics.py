@@ -8,13 +8,16 @@ from torch import Tensor
 __all__ = ["sliced_wasserstein"]
 
 
-def sliced_wasserstein(x: Tensor, y: Tensor, num_projections: int, generator: torch.Generator | None) -> Tensor:
+def sliced_wasserstein(
+    x: Tensor, y: Tensor, num_projections: int, generator: torch.Generator | None
+) -> Tensor:
     """Sliced 2-Wasserstein distance between the empirical distributions of x and y.
 
     SW_2(x, y) = sqrt( E_theta[ W_2^2(theta^T x, theta^T y) ] ) over directions theta uniform on
     the unit sphere, estimated with num_projections random directions. In 1-D, W_2 is the L2
     distance between quantile functions: with equal sample sizes, between the sorted projections;
-    otherwise both quantile functions are evaluated at the midpoints (i + 1/2) / m, m = max(n_x, n_y).
+    otherwise both quantile functions are evaluated at the midpoints (i + 1/2) / m with
+    m = max(n_x, n_y).
     x: (n_x, *dims), y: (n_y, *dims) with the same dims.
     """
     x, y = x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)

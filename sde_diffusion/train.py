@@ -58,7 +58,12 @@ def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore (the yaml files in conf/ extend them)."""
     cs = ConfigStore.instance()
     cs.store(name="train_app", node=TrainAppConfig)
-    for name, node in (("vp", VPConfig), ("vp_cosine", VPCosineConfig), ("subvp", SubVPConfig), ("ve", VEConfig)):
+    for name, node in (
+        ("vp", VPConfig),
+        ("vp_cosine", VPCosineConfig),
+        ("subvp", SubVPConfig),
+        ("ve", VEConfig),
+    ):
         cs.store(group="sde", name=f"{name}_schema", node=node)
     cs.store(group="model", name="mlp_schema", node=MLPConfig)
     cs.store(group="model", name="unet_schema", node=UNetConfig)
@@ -89,8 +94,14 @@ def check_override_keys(overrides: list[str]) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(overrides)
-    choices = [o.input_line for o in parsed if o.key_or_group in GROUPS and not o.is_sweep_override()]
-    keyed = [o for o in parsed if "." in o.key_or_group and not (o.is_add() or o.is_force_add() or o.is_delete())]
+    choices = [
+        o.input_line for o in parsed if o.key_or_group in GROUPS and not o.is_sweep_override()
+    ]
+    keyed = [
+        o
+        for o in parsed
+        if "." in o.key_or_group and not (o.is_add() or o.is_force_add() or o.is_delete())
+    ]
     keyed = [o for o in keyed if o.key_or_group.split(".")[0] != "hydra"]
     if not keyed:
         return

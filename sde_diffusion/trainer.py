@@ -137,11 +137,13 @@ class TrainConfig:
             raise ValueError(f"train.ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.sample_every < -1:
             raise ValueError(
-                f"train.sample_every must be >= -1 (0: at the end, -1: never), got {self.sample_every}"
+                "train.sample_every must be >= -1 (0: at the end, -1: never), "
+                f"got {self.sample_every}"
             )
         if self.precision not in PRECISIONS:
             raise ValueError(
-                f"unknown train.precision {self.precision!r}; valid choices: {', '.join(PRECISIONS)}"
+                f"unknown train.precision {self.precision!r}; "
+                f"valid choices: {', '.join(PRECISIONS)}"
             )
         if not self.max_minutes >= 0:
             raise ValueError(
@@ -151,7 +153,7 @@ class TrainConfig:
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' picks cuda (this rank's LOCAL_RANK), then mps, then cpu; otherwise torch.device(name)."""
+    """'auto' picks cuda (this rank's LOCAL_RANK), then mps, then cpu; else torch.device(name)."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -234,7 +236,8 @@ class Trainer:
         self.rank, self.world = _dist()
         if self.cfg.batch_size % self.world:
             raise ValueError(
-                f"train.batch_size = {self.cfg.batch_size} is not divisible by {self.world} processes"
+                f"train.batch_size = {self.cfg.batch_size} is not divisible by "
+                f"{self.world} processes"
             )
         self.config = dict(config or {})
         if isinstance(model, str):
@@ -517,12 +520,13 @@ class Trainer:
 def load_model(
     path: str | Path, device: torch.device | str | None = None, ema: bool = True
 ) -> tuple[nn.Module, SDE, dict]:
-    """Rebuild the network of a checkpoint with its EMA (or raw) weights; returns (model, sde, meta)."""
+    """Rebuild a checkpoint's network with its EMA (or raw) weights: (model, sde, meta)."""
     tensors, meta = load_checkpoint(path)
     spec = meta.get("model")
     if spec is None:
         raise ValueError(
-            f"{path} was trained with a custom nn.Module; rebuild it and load the 'ema/' tensors yourself"
+            f"{path} was trained with a custom nn.Module; rebuild it and load the 'ema/' "
+            "tensors yourself"
         )
     model = build_model(spec["name"], spec["data_shape"], spec["num_classes"], **spec["kwargs"])
     prefix = "ema/" if ema else "model/"
@@ -539,7 +543,8 @@ def load_score_fn(
 ) -> tuple[ScoreFn, SDE, dict]:
     """A checkpoint as (score_fn, sde, meta), ready for any solver; EMA weights by default.
 
-    labels (shape (batch,)) condition a class-conditional network; without them it gets the null label.
+    labels (shape (batch,)) condition a class-conditional network; without them it gets the
+    null label.
     """
     model, sde, meta = load_model(path, device, ema)
     kwargs = {"y": labels.to(next(model.parameters()).device)} if labels is not None else {}

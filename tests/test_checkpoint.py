@@ -21,7 +21,11 @@ from sde_diffusion.checkpoint import (
 
 
 def test_round_trip_tensors_and_meta(tmp_path):
-    tensors = {"a/x": torch.randn(3, 4, dtype=torch.float64), "b": torch.arange(5), "s": torch.tensor(2.5)}
+    tensors = {
+        "a/x": torch.randn(3, 4, dtype=torch.float64),
+        "b": torch.arange(5),
+        "s": torch.tensor(2.5),
+    }
     meta = {"step": 7, "config": {"lr": 1e-3, "betas": [0.9, 0.99]}}
     path = save_checkpoint(tmp_path / "c.safetensors", tensors, meta)
     back, m = load_checkpoint(path)
@@ -84,7 +88,10 @@ def test_prune_keeps_last_k(tmp_path):
     for s in (5, 10, 15, 20):
         save_checkpoint(checkpoint_path(tmp_path, s), {"w": torch.zeros(1)}, {"step": s})
     prune_checkpoints(tmp_path, 2)
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000015.safetensors", "step_00000020.safetensors"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == [
+        "step_00000015.safetensors",
+        "step_00000020.safetensors",
+    ]
 
 
 def test_rejects_foreign_files(tmp_path):

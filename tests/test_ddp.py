@@ -1,4 +1,4 @@
-"""DistributedDataParallel: two CPU processes (gloo) train a few steps and end with identical weights."""
+"""DDP: two CPU processes (gloo) train a few steps and end with identical weights."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
+    )
     torch.set_num_threads(1)
     from sde_diffusion import get_sde
     from sde_diffusion.data import DataConfig, load_data
@@ -28,7 +30,14 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         steps=6, batch_size=64, log_every=3, checkpoint_every=6, sample_every=-1, device="cpu",
         progress=False, tensorboard=False,
     )  # fmt: skip
-    tr = Trainer("mlp", get_sde("vp"), data, cfg, out_dir=os.path.join(out, "run"), model_kwargs={"width": 16, "depth": 1, "embed_dim": 8})
+    tr = Trainer(
+        "mlp",
+        get_sde("vp"),
+        data,
+        cfg,
+        out_dir=os.path.join(out, "run"),
+        model_kwargs={"width": 16, "depth": 1, "embed_dim": 8},
+    )
     assert tr.world == 2 and tr.rank == rank
     first_batch = next(iter(_rank_batches(tr)))
     losses = tr.fit()
@@ -42,7 +51,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 def _rank_batches(tr):
     from sde_diffusion.data import batches
 
-    return (x for x, _ in batches(tr.data.train, None, 32, seed=0, num_replicas=tr.world, rank=tr.rank))
+    return (
+        x for x, _ in batches(tr.data.train, None, 32, seed=0, num_replicas=tr.world, rank=tr.rank)
+    )
 
 
 def test_two_gloo_processes_end_with_identical_weights(tmp_path):

@@ -50,7 +50,8 @@ def test_loss_equals_hand_computed_value(weighting):
 
 
 def _residual(gmm: GaussianMixture, sde, t: np.ndarray) -> np.ndarray:
-    """min E||eps - eps*(x_t)||^2 / D for a Gaussian: (1/D) sum_i gamma^2 d_i / (gamma^2 d_i + sigma^2).
+    """min E||eps - eps*(x_t)||^2 / D for a Gaussian: (1/D) sum_i g2d_i / (g2d_i + sigma^2),
+    g2d_i = gamma^2 d_i.
 
     eps and x_t = gamma x0 + sigma eps are jointly Gaussian with Cov(eps, x_t) = sigma I and
     Cov(x_t) = C = gamma^2 Sigma + sigma^2 I, so Var(eps | x_t) = I - sigma^2 C^{-1}, whose trace in
@@ -62,7 +63,9 @@ def _residual(gmm: GaussianMixture, sde, t: np.ndarray) -> np.ndarray:
     return (g2d / (g2d + np.asarray(sigma)[..., None] ** 2)).mean(-1)
 
 
-GAUSS = GaussianMixture.gaussian([1.0, -0.5, 2.0], [[1.0, 0.3, 0.0], [0.3, 0.5, 0.1], [0.0, 0.1, 2.0]])
+GAUSS = GaussianMixture.gaussian(
+    [1.0, -0.5, 2.0], [[1.0, 0.3, 0.0], [0.3, 0.5, 0.1], [0.0, 0.1, 2.0]]
+)
 
 
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
@@ -71,20 +74,26 @@ def test_oracle_eps_sits_at_closed_form_minimum_at_fixed_t(name):
     g = torch.Generator().manual_seed(0)
     n = 8000
     x0 = GAUSS.sample(n, g)
+    eps_fn = GAUSS.eps_fn(sde)
+
+    def shifted_fn(x, t):
+        return eps_fn(x, t) + 0.1
+
     for t in (0.05, 0.6):
         tt = torch.full((n,), t, dtype=torch.float64)
         noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
-        eps_fn = GAUSS.eps_fn(sde)
         loss = dsm_loss(eps_fn, sde, x0, LossConfig(), t=tt, noise=noise).item()
         per = (eps_fn(sde.perturb(x0, tt, noise), tt) - noise).square().mean(1)
         se = per.std().item() / math.sqrt(n)
         assert abs(loss - _residual(GAUSS, sde, np.array(t))) < 4 * se
         # any other prediction eps* + delta scores min + |delta|^2 / D on average
-        shifted = dsm_loss(lambda x, t: eps_fn(x, t) + 0.1, sde, x0, LossConfig(), t=tt, noise=noise)
+        shifted = dsm_loss(shifted_fn, sde, x0, LossConfig(), t=tt, noise=noise)
         assert shifted.item() == pytest.approx(loss + 0.01, abs=4 * se)
 
 
-@pytest.mark.parametrize("cfg", [LossConfig("simple"), LossConfig("likelihood", importance_sampling=True)])
+@pytest.mark.parametrize(
+    "cfg", [LossConfig("simple"), LossConfig("likelihood", importance_sampling=True)]
+)
 def test_full_dsm_loss_of_oracle_matches_quadrature(cfg):
     sde = get_sde("vp")
     # E_t[w(t) m(t)], t ~ U(t_min, T), integrated in u = log t (w ~ 1/t near 0 for likelihood)
@@ -93,7 +102,10 @@ def test_full_dsm_loss_of_oracle_matches_quadrature(cfg):
     w = loss_weight(sde, torch.from_numpy(t), cfg.weighting).numpy()
     exact = integrate.simpson(w * _residual(GAUSS, sde, t) * t, x=u) / (sde.T - cfg.t_min)
     g = torch.Generator().manual_seed(1)
-    losses = [dsm_loss(GAUSS.eps_fn(sde), sde, GAUSS.sample(4000, g), cfg, generator=g).item() for _ in range(8)]
+    losses = [
+        dsm_loss(GAUSS.eps_fn(sde), sde, GAUSS.sample(4000, g), cfg, generator=g).item()
+        for _ in range(8)
+    ]
     se = np.std(losses) / math.sqrt(len(losses))
     assert abs(np.mean(losses) - exact) < 4 * se + 1e-3 * exact
 
@@ -111,12 +123,16 @@ def test_likelihood_weight_is_minus_twice_log_snr_derivative(name):
 def test_importance_sampled_times_follow_likelihood_density():
     sde = get_sde("vp")
     cfg = LossConfig("likelihood", importance_sampling=True, t_min=1e-3)
-    t, _ = sample_time(sde, cfg, 20000, torch.Generator().manual_seed(0), torch.zeros((), dtype=torch.float64))
+    t, _ = sample_time(
+        sde, cfg, 20000, torch.Generator().manual_seed(0), torch.zeros((), dtype=torch.float64)
+    )
     assert float(t.min()) >= cfg.t_min and float(t.max()) <= sde.T
     # P(t <= s) = int_{t_min}^s g^2/sigma^2 / Z, integrated numerically (in log s), not via log_snr
     u = np.linspace(math.log(cfg.t_min), 0.0, 4001)
     s = np.exp(u)
-    cum = integrate.cumulative_simpson(loss_weight(sde, torch.from_numpy(s), "likelihood").numpy() * s, x=u, initial=0)
+    cum = integrate.cumulative_simpson(
+        loss_weight(sde, torch.from_numpy(s), "likelihood").numpy() * s, x=u, initial=0
+    )
     for q in (0.01, 0.1, 0.5):
         cdf = np.interp(math.log(q), u, cum / cum[-1])
         assert float((t <= q).double().mean()) == pytest.approx(cdf, abs=0.015)
@@ -131,7 +147,15 @@ def test_label_dropout_uses_null_label():
 
     x0 = torch.zeros(1000, 2)
     labels = torch.randint(0, 3, (1000,), generator=torch.Generator().manual_seed(0))
-    dsm_loss(model, get_sde("vp"), x0, LossConfig(p_uncond=0.25), torch.Generator().manual_seed(1), labels, 3)
+    dsm_loss(
+        model,
+        get_sde("vp"),
+        x0,
+        LossConfig(p_uncond=0.25),
+        torch.Generator().manual_seed(1),
+        labels,
+        3,
+    )
     dropped = seen["y"] == 3
     assert 0.2 < float(dropped.double().mean()) < 0.3
     assert torch.equal(seen["y"][~dropped], labels[~dropped])

@@ -15,9 +15,16 @@ def _build(overrides):
 
 def test_defaults_and_groups_compose():
     cfg = _build([])
-    assert (cfg.sde.name, cfg.model.name, cfg.data.name, cfg.loss.weighting) == ("vp", "mlp", "swiss_roll", "simple")
+    assert (cfg.sde.name, cfg.model.name, cfg.data.name, cfg.loss.weighting) == (
+        "vp",
+        "mlp",
+        "swiss_roll",
+        "simple",
+    )
     cfg = _build(["sde=ve", "model=unet", "data=digits", "loss=likelihood_is", "train=digits"])
-    assert cfg.sde.sigma_max == 50.0 and cfg.model.base_channels == 32 and cfg.loss.importance_sampling
+    assert (
+        cfg.sde.sigma_max == 50.0 and cfg.model.base_channels == 32 and cfg.loss.importance_sampling
+    )
     for sde in ("vp", "vp_cosine", "subvp", "ve"):
         assert _build([f"sde={sde}"]).sde.name == sde
 
@@ -25,12 +32,18 @@ def test_defaults_and_groups_compose():
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        (["train.stpes=5"], r"train has no 'stpes'\. Did you mean 'train\.steps'\?.*Valid keys under train: .*batch_size"),
+        (
+            ["train.stpes=5"],
+            r"train has no 'stpes'\. Did you mean 'train\.steps'\?.*Valid keys under train: .*lr",
+        ),
         (["trian.lr=1"], r"Did you mean 'train'\?.*data, loss, model, sde, train"),
         (["sde=ve", "sde.beta_max=3"], r"sde has no 'beta_max'.*sigma_max"),
         (["train.steps=many"], r"could not be converted to Integer"),
         (["train.progress=maybe"], r"not a valid bool"),
-        (["model=transformer"], r"Could not find 'model/transformer'.*Available options in 'model'.*unet"),
+        (
+            ["model=transformer"],
+            r"Could not find 'model/transformer'.*Available options in 'model'.*unet",
+        ),
         (["loss.weighting=l1"], r"valid choices: simple, likelihood, score"),
         (["train.precision=fp16"], r"valid choices: fp32, bf16"),
         (["train.lr=-0.1"], r"train.lr must be a finite number > 0, got -0.1"),
@@ -53,6 +66,6 @@ def test_app_trains_and_writes_a_loadable_checkpoint(tmp_path):
         ]
     )  # fmt: skip
     trainer = run(cfg, tmp_path)
-    score_fn, sde, meta = load_score_fn(trainer.last_checkpoint, device="cpu")
+    _, sde, meta = load_score_fn(trainer.last_checkpoint, device="cpu")
     assert meta["step"] == 6 and meta["config"]["data"]["name"] == "two_moons"
     assert meta["config"]["train"]["steps"] == 6 and type(sde).__name__ == "VPSDE"

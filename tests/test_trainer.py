@@ -8,7 +8,6 @@ import torch
 from sde_diffusion import get_sde
 from sde_diffusion.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from sde_diffusion.data import DataConfig, load_data
-from sde_diffusion.losses import LossConfig
 from sde_diffusion.trainer import NonFiniteLossError, TrainConfig, Trainer, load_score_fn
 
 MLP = {"width": 32, "depth": 2, "embed_dim": 16}
@@ -48,7 +47,14 @@ def test_ema_and_warmup_follow_their_formulas(toy, tmp_path):
     assert tr.opt.param_groups[0]["lr"] == pytest.approx(1e-2 / 4)
     for b, p, e in zip(before, tr.model.parameters(), tr.ema_model.parameters(), strict=True):
         torch.testing.assert_close(e, 0.9 * b + 0.1 * p.detach())
-    first = Trainer("mlp", get_sde("vp"), toy, _cfg(steps=1, ema_decay=0.9), out_dir=tmp_path / "b", model_kwargs=MLP)
+    first = Trainer(
+        "mlp",
+        get_sde("vp"),
+        toy,
+        _cfg(steps=1, ema_decay=0.9),
+        out_dir=tmp_path / "b",
+        model_kwargs=MLP,
+    )
     init = [p.detach().clone() for p in first.model.parameters()]
     first.fit()  # step 1: decay min(0.9, 1 / 10) = 0.1
     for b, p, e in zip(init, first.model.parameters(), first.ema_model.parameters(), strict=True):
@@ -84,31 +90,51 @@ class _BreaksAt(torch.nn.Module):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy, tmp_path):
-    tr = Trainer(_BreaksAt(13), get_sde("vp"), toy, _cfg(steps=30, checkpoint_every=5), out_dir=tmp_path)
-    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 13.*step_00000010\.safetensors"):
+    tr = Trainer(
+        _BreaksAt(13), get_sde("vp"), toy, _cfg(steps=30, checkpoint_every=5), out_dir=tmp_path
+    )
+    with pytest.raises(
+        NonFiniteLossError, match=r"loss is nan at step 13.*step_00000010\.safetensors"
+    ):
         tr.fit()
     ckpts = list_checkpoints(tmp_path / "checkpoints")
     assert ckpts[-1].name == "step_00000010.safetensors"
     tensors, meta = load_checkpoint(ckpts[-1])
-    assert meta["step"] == 10 and all(bool(torch.isfinite(v).all()) for k, v in tensors.items() if k.startswith("model/"))
+    assert meta["step"] == 10 and all(
+        bool(torch.isfinite(v).all()) for k, v in tensors.items() if k.startswith("model/")
+    )
 
 
 def test_checkpoint_loads_as_score_fn_of_the_ema_network(tmp_path):
     data = load_data(DataConfig(name="gmm", n=400, gmm_components=3))
-    tr = Trainer("mlp", get_sde("subvp"), data, _cfg(steps=5), out_dir=tmp_path, model_kwargs=MLP | {"class_cond": True})
+    tr = Trainer(
+        "mlp",
+        get_sde("subvp"),
+        data,
+        _cfg(steps=5),
+        out_dir=tmp_path,
+        model_kwargs=MLP | {"class_cond": True},
+    )
     tr.fit()
     x, t = torch.randn(4, 2), torch.full((4,), 0.5)
     y = torch.tensor([0, 1, 2, 0])
     score_fn, sde, meta = load_score_fn(tr.last_checkpoint, device="cpu", labels=y)
     assert type(sde).__name__ == "SubVPSDE" and meta["model"]["num_classes"] == 3
     torch.testing.assert_close(score_fn(x, t), tr.score_fn(y)(x, t))
-    gamma, sigma = sde.marginal(t)
+    sigma = sde.marginal(t)[1]
     torch.testing.assert_close(score_fn(x, t), -tr.ema_model(x, t, y) / sigma[:, None])
     assert tr.sample(8, steps=5).shape == (8, 2)
 
 
 def test_sample_figure_is_written(toy, tmp_path):
-    tr = Trainer("mlp", get_sde("vp"), toy, _cfg(steps=2, sample_every=0, sample_steps=5, num_samples=50), out_dir=tmp_path, model_kwargs=MLP)
+    tr = Trainer(
+        "mlp",
+        get_sde("vp"),
+        toy,
+        _cfg(steps=2, sample_every=0, sample_steps=5, num_samples=50),
+        out_dir=tmp_path,
+        model_kwargs=MLP,
+    )
     tr.fit()
     assert (tmp_path / "samples" / "step_00000002.png").stat().st_size > 1000
 

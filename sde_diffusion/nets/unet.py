@@ -108,7 +108,8 @@ class UNet(nn.Module):
         levels = len(channel_mult)
         if levels < 1 or num_res_blocks < 1 or base_channels < 1:
             raise ValueError(
-                f"UNet needs channel_mult non-empty, num_res_blocks >= 1 and base_channels >= 1, got "
+                "UNet needs channel_mult non-empty, num_res_blocks >= 1 and base_channels >= 1, "
+                "got "
                 f"{list(channel_mult)}, {num_res_blocks}, {base_channels}"
             )
         if height % 2 ** (levels - 1) or width % 2 ** (levels - 1):
