@@ -9,6 +9,10 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+from sde_diffusion import get_sde
+from sde_diffusion.data import DataConfig, batches, load_data
+from sde_diffusion.trainer import TrainConfig, Trainer
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -21,10 +25,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
     )
     torch.set_num_threads(1)
-    from sde_diffusion import get_sde
-    from sde_diffusion.data import DataConfig, load_data
-    from sde_diffusion.trainer import TrainConfig, Trainer
-
     data = load_data(DataConfig(name="two_moons", n=600))
     cfg = TrainConfig(
         steps=6, batch_size=64, log_every=3, checkpoint_every=6, sample_every=-1, device="cpu",
@@ -49,15 +49,15 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def _rank_batches(tr):
-    from sde_diffusion.data import batches
-
     return (
         x for x, _ in batches(tr.data.train, None, 32, seed=0, num_replicas=tr.world, rank=tr.rank)
     )
 
 
 def test_two_gloo_processes_end_with_identical_weights(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    # fork: the workers inherit the imported modules instead of importing torch again
+    args = (2, _free_port(), str(tmp_path))
+    mp.start_processes(_worker, args=args, nprocs=2, start_method="fork")
     r0, r1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
     assert not torch.equal(r0["first_batch"], r1["first_batch"])  # each rank saw its own shard
     assert not torch.equal(r0["losses"], r1["losses"])  # and its own noise
