@@ -46,13 +46,10 @@ class VPCosineConfig:
 
 
 @dataclass
-class SubVPConfig:
-    """The sub-VP SDE."""
+class SubVPConfig(VPConfig):
+    """The sub-VP SDE (the same linear beta(t) as VP)."""
 
     name: str = "subvp"
-    beta_min: float = 0.1
-    beta_max: float = 20.0
-    T: float = 1.0
 
 
 @dataclass

@@ -255,7 +255,8 @@ class Trainer:
         else:
             self.model_spec = None
         self.model = model.to(self.device)
-        self.num_classes = getattr(getattr(self.model, "label", None), "num_classes", 0)
+        label = getattr(getattr(self.model, "cond", None), "label", None)
+        self.num_classes = label.num_classes if label is not None else 0
         self.ema_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.ema_params = [

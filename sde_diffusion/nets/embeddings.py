@@ -20,6 +20,7 @@ TIME_EMBEDDINGS = ("sinusoidal", "fourier")
 
 __all__ = [
     "TIME_EMBEDDINGS",
+    "ConditionEmbedding",
     "GaussianFourierEmbedding",
     "LabelEmbedding",
     "SinusoidalEmbedding",
@@ -97,3 +98,26 @@ class LabelEmbedding(nn.Module):
                 (batch,), self.num_classes, dtype=torch.long, device=self.table.weight.device
             )
         return self.table(y)
+
+
+class ConditionEmbedding(nn.Module):
+    """The vector every block of a network is conditioned on: an MLP of the time embedding,
+    plus a class-label embedding (with its null label) when num_classes > 0."""
+
+    def __init__(self, kind: str, in_dim: int, out_dim: int, num_classes: int = 0):
+        super().__init__()
+        self.time = nn.Sequential(
+            time_embedding(kind, in_dim),
+            nn.Linear(in_dim, out_dim),
+            nn.SiLU(),
+            nn.Linear(out_dim, out_dim),
+        )
+        self.label = LabelEmbedding(num_classes, out_dim) if num_classes else None
+
+    def forward(self, t: Tensor, y: Tensor | None, batch: int) -> Tensor:
+        emb = self.time(t.expand(batch) if t.ndim == 0 else t)
+        if self.label is not None:
+            return emb + self.label(y, batch)
+        if y is not None:
+            raise ValueError("labels y given to a model built with num_classes = 0")
+        return emb

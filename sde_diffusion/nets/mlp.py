@@ -7,14 +7,13 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from .embeddings import LabelEmbedding
-from .embeddings import time_embedding as make_time_embedding
+from .embeddings import ConditionEmbedding
 
 __all__ = ["MLP"]
 
 
 class _Block(nn.Module):
-    """h + W2 silu(W1 silu(norm(h)) + emb): a pre-norm residual block with the time added."""
+    """h + W2 silu(W1 silu(norm(h)) + E silu(emb)): a pre-norm residual block, time added."""
 
     def __init__(self, width: int, emb_dim: int):
         super().__init__()
@@ -25,7 +24,7 @@ class _Block(nn.Module):
         self.act = nn.SiLU()
 
     def forward(self, h: Tensor, emb: Tensor) -> Tensor:
-        u = self.act(self.fc1(self.act(self.norm(h))) + self.emb(emb))
+        u = self.act(self.fc1(self.act(self.norm(h))) + self.emb(self.act(emb)))
         return h + self.fc2(u)
 
 
@@ -50,22 +49,13 @@ class MLP(nn.Module):
             raise ValueError(f"MLP width and depth must be >= 1, got width={width}, depth={depth}")
         self.data_shape = tuple(data_shape)
         dim = math.prod(self.data_shape)
-        self.time = nn.Sequential(
-            make_time_embedding(time_embedding, embed_dim),
-            nn.Linear(embed_dim, embed_dim),
-            nn.SiLU(),
-        )
-        self.label = LabelEmbedding(num_classes, embed_dim) if num_classes else None
+        self.cond = ConditionEmbedding(time_embedding, embed_dim, embed_dim, num_classes)
         self.inp = nn.Linear(dim, width)
         self.blocks = nn.ModuleList(_Block(width, embed_dim) for _ in range(depth))
         self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim))
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        emb = self.time(t.expand(x.shape[0]) if t.ndim == 0 else t)
-        if self.label is not None:
-            emb = emb + self.label(y, x.shape[0])
-        elif y is not None:
-            raise ValueError("labels y given to a model built with num_classes = 0")
+        emb = self.cond(t, y, x.shape[0])
         h = self.inp(x.reshape(x.shape[0], -1))
         for block in self.blocks:
             h = block(h, emb)

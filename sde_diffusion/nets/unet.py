@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .embeddings import LabelEmbedding
-from .embeddings import time_embedding as make_time_embedding
+from .embeddings import ConditionEmbedding
 
 __all__ = ["UNet"]
 
@@ -121,13 +120,7 @@ class UNet(nn.Module):
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         self.data_shape = (cin, height, width)
         emb_dim = 4 * base_channels
-        self.time = nn.Sequential(
-            make_time_embedding(time_embedding, base_channels),
-            nn.Linear(base_channels, emb_dim),
-            nn.SiLU(),
-            nn.Linear(emb_dim, emb_dim),
-        )
-        self.label = LabelEmbedding(num_classes, emb_dim) if num_classes else None
+        self.cond = ConditionEmbedding(time_embedding, base_channels, emb_dim, num_classes)
         self.inp = nn.Conv2d(cin, base_channels, 3, padding=1)
 
         chans = [base_channels * m for m in channel_mult]
@@ -155,11 +148,7 @@ class UNet(nn.Module):
         self.out = nn.Sequential(_norm(ch), nn.SiLU(), _zero(nn.Conv2d(ch, cin, 3, padding=1)))
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        emb = self.time(t.expand(x.shape[0]) if t.ndim == 0 else t)
-        if self.label is not None:
-            emb = emb + self.label(y, x.shape[0])
-        elif y is not None:
-            raise ValueError("labels y given to a model built with num_classes = 0")
+        emb = self.cond(t, y, x.shape[0])
         h = self.inp(x)
         hs = [h]
         for i, level in enumerate(self.down):
