@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -137,6 +139,14 @@ def test_sample_figure_is_written(toy, tmp_path):
     )
     tr.fit()
     assert (tmp_path / "samples" / "step_00000002.png").stat().st_size > 1000
+
+
+def test_bf16_autocast_trains_with_finite_float32_losses(toy, tmp_path):
+    cfg = _cfg(steps=10, precision="bf16")
+    tr = Trainer("mlp", get_sde("vp"), toy, cfg, out_dir=tmp_path, model_kwargs=MLP)
+    losses = tr.fit()
+    assert len(losses) == 10 and all(map(math.isfinite, losses))
+    assert next(tr.model.parameters()).dtype == torch.float32  # master weights stay fp32
 
 
 @pytest.mark.parametrize(
