@@ -63,7 +63,8 @@ def run(
     x = trainer.sample(100, labels=labels, seed=1).clamp(-1, 1)
     grid = Path(grid)
     grid.parent.mkdir(parents=True, exist_ok=True)
-    plt.imsave(grid, image_grid(x, nrow=10).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1)
+    big = image_grid(x, nrow=10).squeeze(-1).repeat_interleave(5, 0).repeat_interleave(5, 1)
+    plt.imsave(grid, big.numpy(), cmap="gray", vmin=0, vmax=1)  # 5x nearest-neighbour upscale
     clf = LogisticRegression(max_iter=2000).fit(
         data.train.flatten(1).numpy(), data.train_labels.numpy()
     )
