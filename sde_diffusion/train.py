@@ -94,15 +94,17 @@ def check_override_keys(overrides: list[str]) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(overrides)
-    choices = [
-        o.input_line for o in parsed if o.key_or_group in GROUPS and not o.is_sweep_override()
-    ]
+    groups = [o for o in parsed if o.key_or_group in GROUPS]
+    choices = [o.input_line for o in groups if not o.is_sweep_override()]
+    # keys under a swept group (sde=vp,ve) depend on the option: left to Hydra
+    skip = {"hydra"} | {o.key_or_group for o in groups if o.is_sweep_override()}
     keyed = [
         o
         for o in parsed
-        if "." in o.key_or_group and not (o.is_add() or o.is_force_add() or o.is_delete())
+        if "." in o.key_or_group
+        and not (o.is_add() or o.is_force_add() or o.is_delete())
+        and o.key_or_group.split(".")[0] not in skip
     ]
-    keyed = [o for o in keyed if o.key_or_group.split(".")[0] != "hydra"]
     if not keyed:
         return
     cfg = _compose(choices)

@@ -69,3 +69,11 @@ def test_app_trains_and_writes_a_loadable_checkpoint(tmp_path):
     _, sde, meta = load_score_fn(trainer.last_checkpoint, device="cpu")
     assert meta["step"] == 6 and meta["config"]["data"]["name"] == "two_moons"
     assert meta["config"]["train"]["steps"] == 6 and type(sde).__name__ == "VPSDE"
+
+
+def test_keys_under_a_swept_group_are_left_to_hydra():
+    from sde_diffusion.train import check_override_keys
+
+    check_override_keys(["sde=vp,ve", "sde.sigma_max=3", "train.lr=1e-3,1e-4"])
+    with pytest.raises(ValueError, match=r"Did you mean 'train\.lr'"):
+        check_override_keys(["sde=vp,ve", "train.lrr=1e-3,1e-4"])
