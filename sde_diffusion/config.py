@@ -1,0 +1,120 @@
+"""Plain dataclass configs for the SDEs and networks, shared by the apps (no Hydra here).
+
+The apps register these (and DataConfig, LossConfig, TrainConfig) in Hydra's ConfigStore, so a
+misspelt key or a wrong type fails at composition; the value checks run in __post_init__, when
+OmegaConf.to_object builds the dataclasses, and name the valid range or choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .nets import NETS, TIME_EMBEDDINGS
+from .sde import SDE, SDE_NAMES, get_sde
+
+__all__ = [
+    "MLPConfig",
+    "SubVPConfig",
+    "UNetConfig",
+    "VEConfig",
+    "VPConfig",
+    "VPCosineConfig",
+    "build_sde",
+    "model_kwargs",
+]
+
+
+@dataclass
+class VPConfig:
+    """Linear VP SDE (DDPM's continuous limit)."""
+
+    name: str = "vp"
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    T: float = 1.0
+
+
+@dataclass
+class VPCosineConfig:
+    """VP SDE with the cosine schedule (T below 1: beta diverges at t = 1)."""
+
+    name: str = "vp_cosine"
+    s: float = 0.008
+    T: float = 0.9946
+
+
+@dataclass
+class SubVPConfig(VPConfig):
+    """The sub-VP SDE (the same linear beta(t) as VP)."""
+
+    name: str = "subvp"
+
+
+@dataclass
+class VEConfig:
+    """Variance-exploding SDE; sigma_max should be about the largest distance between data."""
+
+    name: str = "ve"
+    sigma_min: float = 0.01
+    sigma_max: float = 50.0
+    T: float = 1.0
+
+
+def build_sde(cfg: Any) -> SDE:
+    """The SDE of a config above (its `name` and the remaining fields as keyword arguments)."""
+    kwargs = dataclasses.asdict(cfg)
+    name = kwargs.pop("name")
+    if name not in SDE_NAMES:
+        raise ValueError(f"unknown sde.name {name!r}; valid choices: {', '.join(SDE_NAMES)}")
+    return get_sde(name, **kwargs)
+
+
+@dataclass
+class MLPConfig:
+    """The residual MLP (sde_diffusion.nets.MLP) for low-dimensional data."""
+
+    name: str = "mlp"
+    width: int = 256
+    depth: int = 4
+    time_embedding: str = "fourier"
+    embed_dim: int = 128
+    class_cond: bool = False
+
+    def __post_init__(self) -> None:
+        _check_model(self)
+
+
+@dataclass
+class UNetConfig:
+    """The U-Net (sde_diffusion.nets.UNet) for images."""
+
+    name: str = "unet"
+    base_channels: int = 64
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2])
+    num_res_blocks: int = 2
+    attn_resolutions: list[int] = field(default_factory=lambda: [4])
+    num_heads: int = 4
+    dropout: float = 0.0
+    time_embedding: str = "sinusoidal"
+    class_cond: bool = False
+
+    def __post_init__(self) -> None:
+        _check_model(self)
+
+
+def _check_model(cfg: Any) -> None:
+    if cfg.name not in NETS:
+        raise ValueError(f"unknown model.name {cfg.name!r}; valid choices: {', '.join(NETS)}")
+    if cfg.time_embedding not in TIME_EMBEDDINGS:
+        raise ValueError(
+            f"unknown model.time_embedding {cfg.time_embedding!r}; "
+            f"valid choices: {', '.join(TIME_EMBEDDINGS)}"
+        )
+
+
+def model_kwargs(cfg: Any) -> tuple[str, dict[str, Any]]:
+    """(name, keyword arguments) for Trainer / build_model from a model config."""
+    kwargs = dataclasses.asdict(cfg)
+    return kwargs.pop("name"), kwargs

@@ -1,0 +1,134 @@
+"""Denoising score matching (math.md section 3) with the standard weightings.
+
+    L(theta) = E_{t ~ U(t_min, T)} E_{x_0, eps}[lambda(t) ||s_theta(x_t, t) + eps/sigma_t||^2] / D
+
+with x_t = gamma_t x_0 + sigma_t eps and D the number of dimensions of one sample (we average
+over dimensions, so the scale of the loss does not grow with image size). The networks predict
+eps and s_theta = -eps_theta / sigma_t, so the integrand is
+lambda(t) / sigma_t^2 ||eps - eps_theta||^2:
+
+    simple      lambda = sigma_t^2   -> ||eps - eps_theta||^2          (DDPM's eps-MSE)
+    likelihood  lambda = g(t)^2      -> g^2 / sigma^2 ||eps - eps_theta||^2  (Song et al. 2021b)
+    score       lambda = 1           -> ||eps - eps_theta||^2 / sigma_t^2
+
+Importance sampling for the likelihood weighting: for every linear SDE, d(sigma^2)/dt =
+2 f sigma^2 + g^2 and d(log gamma^2)/dt = 2 f, so g^2 / sigma^2 = d/dt log(sigma^2 / gamma^2)
+= -2 d(lambda_t)/dt with lambda_t the log-SNR. Drawing t with density proportional to
+g^2 / sigma^2 on [t_min, T] is therefore drawing lambda uniformly on [lambda_T, lambda_{t_min}],
+and the unbiased estimate of the same objective is
+
+    2 (lambda_{t_min} - lambda_T) / (T - t_min) * ||eps - eps_theta||^2 / D.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .sde import SDE
+
+WEIGHTINGS = ("simple", "likelihood", "score")
+
+__all__ = ["WEIGHTINGS", "LossConfig", "dsm_loss", "loss_weight", "sample_time"]
+
+
+@dataclass
+class LossConfig:
+    """weighting: simple, likelihood or score. importance_sampling: draw t uniformly in log-SNR
+    (only with the likelihood weighting, whose variance it cuts). t_min: smallest training time
+    (1e-5, as in Song et al. 2021: sigma_t -> 0 at t = 0). p_uncond: probability of replacing a
+    label by the null label, for classifier-free guidance (0 with unlabelled data)."""
+
+    weighting: str = "simple"
+    importance_sampling: bool = False
+    t_min: float = 1e-5
+    p_uncond: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(
+                f"unknown loss weighting {self.weighting!r}; valid choices: {', '.join(WEIGHTINGS)}"
+            )
+        if self.importance_sampling and self.weighting != "likelihood":
+            raise ValueError(
+                "importance_sampling applies to the likelihood weighting only, "
+                f"got weighting={self.weighting!r}"
+            )
+        if not (math.isfinite(self.t_min) and self.t_min > 0):
+            raise ValueError(f"loss.t_min must be a finite number > 0, got {self.t_min}")
+        if not 0.0 <= self.p_uncond <= 1.0:
+            raise ValueError(f"loss.p_uncond must lie in [0, 1], got {self.p_uncond}")
+
+
+def sample_time(
+    sde: SDE, cfg: LossConfig, n: int, generator: torch.Generator | None, like: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Draw n training times and the factor w(t) in front of ||eps - eps_theta||^2 for each.
+
+    Without importance sampling t ~ U(t_min, T) and w = lambda(t) / sigma_t^2; with it, lambda
+    is uniform in log-SNR and w is the constant of the module docstring.
+    """
+    if not cfg.t_min < sde.T:
+        raise ValueError(f"loss.t_min = {cfg.t_min} must be below the SDE's T = {sde.T}")
+    u = torch.rand(n, generator=generator, device=like.device, dtype=like.dtype)
+    if not cfg.importance_sampling:
+        t = cfg.t_min + (sde.T - cfg.t_min) * u
+        return t, loss_weight(sde, t, cfg.weighting)
+    lam_hi, lam_lo = (
+        float(sde.log_snr(torch.tensor(s, dtype=torch.float64))) for s in (cfg.t_min, sde.T)
+    )
+    t = sde.t_from_log_snr(lam_hi - (lam_hi - lam_lo) * u).clamp(cfg.t_min, sde.T)
+    return t, torch.full_like(u, 2 * (lam_hi - lam_lo) / (sde.T - cfg.t_min))
+
+
+def loss_weight(sde: SDE, t: Tensor, weighting: str) -> Tensor:
+    """lambda(t) / sigma_t^2, the factor in front of ||eps - eps_theta||^2 for each weighting."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(
+            f"unknown loss weighting {weighting!r}; valid choices: {', '.join(WEIGHTINGS)}"
+        )
+    if weighting == "simple":
+        return torch.ones_like(t)
+    sigma2 = sde.marginal(t)[1].square()
+    if weighting == "likelihood":
+        return sde.g2(t) / sigma2
+    return 1.0 / sigma2
+
+
+def dsm_loss(
+    model: Callable[..., Tensor],
+    sde: SDE,
+    x0: Tensor,
+    cfg: LossConfig | None = None,
+    generator: torch.Generator | None = None,
+    labels: Tensor | None = None,
+    num_classes: int = 0,
+    t: Tensor | None = None,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """The DSM loss of an eps-predicting `model(x, t[, y])` on the batch x0 (a scalar).
+
+    t and noise are drawn with `generator` unless given (tests fix them; a given t is weighted
+    as under uniform sampling). With labels, each is replaced by the null label num_classes with
+    probability cfg.p_uncond.
+    """
+    cfg = cfg or LossConfig()
+    if t is None:
+        t, w = sample_time(sde, cfg, x0.shape[0], generator, x0)
+    else:
+        t = sde.time(t, x0).expand(x0.shape[0])
+        w = loss_weight(sde, t, cfg.weighting)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    xt = sde.perturb(x0, t, noise)
+    kwargs = {}
+    if labels is not None:
+        drop = torch.rand(labels.shape, generator=generator, device=labels.device) < cfg.p_uncond
+        kwargs["y"] = torch.where(drop, torch.full_like(labels, num_classes), labels)
+    eps = model(xt, t, **kwargs).to(noise.dtype)  # bf16 autocast outputs: reduce in x0's dtype
+    per_sample = (eps - noise).square().reshape(x0.shape[0], -1).mean(dim=1)
+    return (w * per_sample).mean()
