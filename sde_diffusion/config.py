@@ -15,6 +15,7 @@ from .nets import NETS, TIME_EMBEDDINGS
 from .sde import SDE, SDE_NAMES, get_sde
 
 __all__ = [
+    "DDPMConfig",
     "MLPConfig",
     "SubVPConfig",
     "UNetConfig",
@@ -60,6 +61,16 @@ class VEConfig:
     sigma_min: float = 0.01
     sigma_max: float = 50.0
     T: float = 1.0
+
+
+@dataclass
+class DDPMConfig:
+    """DDPM's discrete schedule: betas linear from beta_start to beta_end over N steps."""
+
+    name: str = "ddpm"
+    N: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
 
 
 def build_sde(cfg: Any) -> SDE:

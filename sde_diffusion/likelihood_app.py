@@ -1,6 +1,6 @@
 """Hydra app: negative log-likelihood and bits/dim of a score model.
 
-    python -m sde_diffusion.likelihood model=oracle sde.name=vp
+    python -m sde_diffusion.likelihood model=oracle sde=vp
     sde-diffusion-likelihood model=ckpt ckpt=outputs/run/checkpoint.safetensors data.path=x.npz
 
 Computes the PF-ODE log-likelihood (exact or Hutchinson divergence), the DDPM variational bound
@@ -18,56 +18,39 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from .apps import CONF_DIR, build_oracle, dtype_of, register_shared_schemas
+from .config import build_sde
 from .likelihood import bits_per_dim, ddpm_bound, dequantize, ode_log_likelihood
 from .metrics import exact_log_prob
 from .oracle import GaussianMixture
-from .sde import SDE, ScoreFn, VPFamilySDE, get_sde
+from .sde import SDE, DiscreteVPSDE, ScoreFn, VPFamilySDE
+from .trainer import load_score_fn
 
 MODELS = ("oracle", "ckpt")
-ORACLES = ("ring", "gaussian", "random")
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
-
-def build_oracle(cfg: DictConfig, generator: torch.Generator) -> GaussianMixture:
-    """The Gaussian mixture named by cfg.oracle (ring, gaussian or random)."""
-    o = cfg.oracle
-    if o.kind == "ring":
-        return GaussianMixture.ring(k=o.k, radius=o.radius, std=o.std, dim=o.dim)
-    if o.kind == "gaussian":
-        return GaussianMixture.gaussian(torch.zeros(o.dim), o.std**2)
-    if o.kind == "random":
-        return GaussianMixture.random(o.k, o.dim, generator=generator)
-    raise ValueError(f"unknown oracle.kind {o.kind!r}; valid choices: {', '.join(ORACLES)}")
+register_shared_schemas(ConfigStore.instance())
 
 
 def load_model(
     cfg: DictConfig, generator: torch.Generator
 ) -> tuple[ScoreFn, SDE, GaussianMixture | None]:
-    """(score_fn, sde, oracle or None) for cfg.model: the exact oracle, or a training checkpoint.
-
-    The checkpoint branch calls `sde_diffusion.load_score_fn(path) -> (score_fn, sde)`, the
-    training package's loader; the SDE then comes from the checkpoint, not from cfg.sde.
-    """
-    if cfg.model == "oracle":
-        sde = get_sde(cfg.sde.name, **OmegaConf.to_container(cfg.sde.kwargs))
-        mixture = build_oracle(cfg, generator)
+    """(score_fn, sde, oracle or None) for cfg.model: the exact oracle, or a training checkpoint
+    (whose SDE comes from the checkpoint, not from cfg.sde)."""
+    model = OmegaConf.to_object(cfg.model)
+    if model.name == "oracle":
+        sde = build_sde(OmegaConf.to_object(cfg.sde))
+        mixture = build_oracle(model, generator)
         return mixture.score_fn(sde), sde, mixture
-    if cfg.model == "ckpt":
+    if model.name == "ckpt":
         if not cfg.ckpt:
             raise ValueError("model=ckpt needs ckpt=<path to a training checkpoint>")
-        import sde_diffusion
-
-        loader = getattr(sde_diffusion, "load_score_fn", None)
-        if loader is None:
-            raise ValueError(
-                "this installation has no checkpoint loader (sde_diffusion.load_score_fn)"
-            )
-        score_fn, sde = loader(cfg.ckpt)
+        score_fn, sde, _ = load_score_fn(cfg.ckpt, cfg.device)
         return score_fn, sde, None
-    raise ValueError(f"unknown model {cfg.model!r}; valid choices: {', '.join(MODELS)}")
+    raise ValueError(f"unknown model {model.name!r}; valid choices: {', '.join(MODELS)}")
 
 
 def load_data(
@@ -110,9 +93,7 @@ def _summary(nll: torch.Tensor, num_dims: int, bin_width: float | None) -> dict[
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run every likelihood the config asks for; return the results as plain numbers."""
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {cfg.dtype!r}; valid choices: {', '.join(DTYPES)}")
-    dtype, device = DTYPES[cfg.dtype], torch.device(cfg.device)
+    dtype, device = dtype_of(cfg.dtype), torch.device(cfg.device)
     generator = torch.Generator().manual_seed(cfg.seed)
     score_fn, sde, mixture = load_model(cfg, generator)
     x, x0, bin_width = load_data(cfg, mixture, generator, dtype)
@@ -142,7 +123,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 x0[start : start + cfg.batch_size].to(device),
                 sde,
                 score_fn,
-                None if cfg.sde.name == "ddpm" else cfg.ddpm_bound.num_steps,
+                None if isinstance(sde, DiscreteVPSDE) else cfg.ddpm_bound.num_steps,
                 decoder=cfg.ddpm_bound.decoder,
                 variance=cfg.ddpm_bound.variance,
                 generator=generator,
@@ -152,7 +133,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             )
             bound.append(b.total.cpu())
     out: dict[str, Any] = {
-        "model": cfg.model,
+        "model": cfg.model.name,
         "sde": repr(sde),
         "num_samples": len(x),
         "num_dims": num_dims,
@@ -188,7 +169,7 @@ def _table(results: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-@hydra.main(config_path="conf", config_name="likelihood", version_base="1.3")
+@hydra.main(config_path=CONF_DIR, config_name="likelihood", version_base=None)
 def _hydra_main(cfg: DictConfig) -> None:
     results = evaluate(cfg)
     out_dir = Path(HydraConfig.get().runtime.output_dir)

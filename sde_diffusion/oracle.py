@@ -175,6 +175,10 @@ class GaussianMixture:
         """Exact p_t(k | x), shape (batch, K): the Bayes-optimal classifier on noisy data."""
         return torch.softmax(self._log_joint(x, t, sde)[2], dim=1)
 
+    def log_responsibilities(self, x: Tensor, t: Tensor | float, sde: SDE) -> Tensor:
+        """Exact log p_t(k | x), shape (batch, K), finite where p_t(k | x) underflows to 0."""
+        return torch.log_softmax(self._log_joint(x, t, sde)[2], dim=1)
+
     def score(
         self, x: Tensor, t: Tensor | float, sde: SDE, component: Tensor | int | None = None
     ) -> Tensor:

@@ -31,17 +31,17 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .apps import (
     CONF_DIR,
-    OracleConfig,
     build_oracle,
     check_override_keys,
     dtype_of,
-    register_sde_schemas,
+    register_shared_schemas,
 )
 from .config import build_sde
+from .data import DataConfig, load_data
 from .figures import save_sample_figure
 from .guidance import cfg_score_fn, classifier_guided_score_fn
-from .parametrize import model_score_fn
 from .metrics import image_metrics, oracle_metrics, sliced_wasserstein
+from .parametrize import model_score_fn
 from .sde import SDE, ScoreFn
 from .solvers import IncompatibleSDEError, get_solver, sample
 from .trainer import load_model, resolve_device
@@ -79,9 +79,8 @@ class SampleAppConfig:
 
     sde: Any = MISSING
     solver: SolverConfig = MISSING
-    model: str = "oracle"
+    model: Any = MISSING
     ckpt: str | None = None
-    oracle: OracleConfig = field(default_factory=OracleConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     steps: int = 20
     num_samples: int = 2000
@@ -93,11 +92,13 @@ class SampleAppConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if self.model not in MODELS:
-            raise ValueError(f"unknown model {self.model!r}; valid choices: {', '.join(MODELS)}")
-        if self.model == "ckpt" and not self.ckpt:
+        if self.model.name not in MODELS:
+            raise ValueError(
+                f"unknown model {self.model.name!r}; valid choices: {', '.join(MODELS)}"
+            )
+        if self.model.name == "ckpt" and not self.ckpt:
             raise ValueError("model=ckpt needs ckpt=<path to a training checkpoint>")
-        if self.model == "ckpt" and not Path(self.ckpt).is_file():
+        if self.model.name == "ckpt" and not Path(self.ckpt).is_file():
             raise ValueError(f"checkpoint {self.ckpt} does not exist")
         for name in ("steps", "num_samples", "batch_size"):
             if getattr(self, name) < 1:
@@ -111,7 +112,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="sample_app", node=SampleAppConfig)
     cs.store(group="solver", name="solver_schema", node=SolverConfig)
-    register_sde_schemas(cs)
+    register_shared_schemas(cs)
 
 
 register_configs()
@@ -132,9 +133,9 @@ class Target:
 def build_target(cfg: SampleAppConfig, device: torch.device, dtype: torch.dtype) -> Target:
     """The score function, SDE and evaluation reference named by the config."""
     label, scale = cfg.guidance.label, cfg.guidance.scale
-    if cfg.model == "oracle":
+    if cfg.model.name == "oracle":
         sde = build_sde(cfg.sde)
-        mixture = build_oracle(cfg.oracle, torch.Generator().manual_seed(cfg.seed))
+        mixture = build_oracle(cfg.model, torch.Generator().manual_seed(cfg.seed))
         score_fn = mixture.score_fn(sde)
         if label is not None:
             if not 0 <= label < mixture.num_components:
@@ -143,24 +144,26 @@ def build_target(cfg: SampleAppConfig, device: torch.device, dtype: torch.dtype)
                 )
 
             def log_p_y(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-                return torch.log(mixture.responsibilities(x, t, sde)).gather(1, y[:, None])[:, 0]
+                return mixture.log_responsibilities(x, t, sde).gather(1, y[:, None])[:, 0]
 
             score_fn = classifier_guided_score_fn(score_fn, log_p_y, label, scale, "log_prob")
-        return Target(score_fn, sde, mixture.dims, oracle=mixture, name=f"oracle-{cfg.oracle.kind}")
+        return Target(score_fn, sde, mixture.dims, oracle=mixture, name=f"oracle-{cfg.model.kind}")
     model, sde, meta = load_model(cfg.ckpt, device)
     model = model.to(dtype)
-    from .data import DataConfig, load_data
-
+    if not (meta.get("config") or {}).get("data"):
+        raise ValueError(f"{cfg.ckpt} records no data config to evaluate against")
     data = load_data(DataConfig(**meta["config"]["data"]))
     if label is None:
         score_fn = model_score_fn(model, sde, meta["prediction"], "t")
     else:
         num_classes = meta["model"]["num_classes"]
         if not num_classes:
-            raise ValueError(f"guidance.label needs a class-conditional checkpoint; {cfg.ckpt} is not")
+            raise ValueError(
+                f"guidance.label needs a class-conditional checkpoint; {cfg.ckpt} is not"
+            )
         score_fn = cfg_score_fn(model, sde, label, num_classes, scale, "ho", meta["prediction"])
-    reference = data.test_x if label is None else data.test_x[data.test_y == label]
-    return Target(score_fn, sde, tuple(data.test_x.shape[1:]), reference, name=str(cfg.ckpt))
+    reference = data.test if label is None else data.test[data.test_labels == label]
+    return Target(score_fn, sde, data.shape, reference, name=str(cfg.ckpt))
 
 
 def _metrics(x: torch.Tensor, target: Target, generator: torch.Generator) -> dict[str, float]:
@@ -223,7 +226,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         record["metrics"] = _metrics(x, target, torch.Generator().manual_seed(obj.seed + 1))
         np.savez(out / "samples.npz", samples=x.numpy(), nfe=nfe, ts=result.ts.numpy())
         ref = target.reference if target.oracle is None else target.oracle.sample(len(x))
-        figure = save_sample_figure(out / "samples.png", x, ref, title=_title(record))
+        figure = save_sample_figure(ref, x, out / "samples.png", title=_title(record))
         print(f"figure: {figure}")
     except IncompatibleSDEError as e:
         record.update(status="invalid", error=str(e))

@@ -14,7 +14,6 @@ in Hydra's run directory.
 
 from __future__ import annotations
 
-import difflib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,22 +22,12 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .config import (
-    MLPConfig,
-    SubVPConfig,
-    UNetConfig,
-    VEConfig,
-    VPConfig,
-    VPCosineConfig,
-    build_sde,
-    model_kwargs,
-)
+from . import apps
+from .apps import CONF_DIR, register_shared_schemas
+from .config import MLPConfig, UNetConfig, build_sde, model_kwargs
 from .data import DataConfig, load_data
 from .losses import LossConfig
 from .trainer import TrainConfig, Trainer
-
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-GROUPS = ("sde", "model", "data", "loss", "train")
 
 __all__ = ["CONF_DIR", "TrainAppConfig", "compose_config", "main", "run"]
 
@@ -58,13 +47,7 @@ def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore (the yaml files in conf/ extend them)."""
     cs = ConfigStore.instance()
     cs.store(name="train_app", node=TrainAppConfig)
-    for name, node in (
-        ("vp", VPConfig),
-        ("vp_cosine", VPCosineConfig),
-        ("subvp", SubVPConfig),
-        ("ve", VEConfig),
-    ):
-        cs.store(group="sde", name=f"{name}_schema", node=node)
+    register_shared_schemas(cs)
     cs.store(group="model", name="mlp_schema", node=MLPConfig)
     cs.store(group="model", name="unet_schema", node=UNetConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
@@ -75,64 +58,14 @@ def register_configs() -> None:
 register_configs()
 
 
-def _compose(overrides: list[str]) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    if GlobalHydra.instance().is_initialized():
-        return compose("train", overrides=overrides)
-    with initialize_config_dir(CONF_DIR, version_base=None):
-        return compose("train", overrides=overrides)
-
-
 def check_override_keys(overrides: list[str]) -> None:
-    """Raise ValueError for an override of a key that does not exist, listing the valid keys.
-
-    Hydra would also reject it, but without saying which keys are there; group choices
-    (model=unet) and additions (+key=value) are left to Hydra.
-    """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    groups = [o for o in parsed if o.key_or_group in GROUPS]
-    choices = [o.input_line for o in groups if not o.is_sweep_override()]
-    # keys under a swept group (sde=vp,ve) depend on the option: left to Hydra
-    skip = {"hydra"} | {o.key_or_group for o in groups if o.is_sweep_override()}
-    keyed = [
-        o
-        for o in parsed
-        if "." in o.key_or_group
-        and not (o.is_add() or o.is_force_add() or o.is_delete())
-        and o.key_or_group.split(".")[0] not in skip
-    ]
-    if not keyed:
-        return
-    cfg = _compose(choices)
-    for o in keyed:
-        node, path = cfg, []
-        for part in o.key_or_group.split("."):
-            if not isinstance(node, DictConfig) or part not in node:
-                valid = sorted(node.keys()) if isinstance(node, DictConfig) else []
-                close = difflib.get_close_matches(part, [str(k) for k in valid], n=1)
-                where = ".".join(path) or "the top level"
-                hint = f" Did you mean {'.'.join([*path, close[0]])!r}?" if close else ""
-                raise ValueError(
-                    f"unknown config key {o.key_or_group!r}: {where} has no {part!r}.{hint} "
-                    f"Valid keys under {where}: {', '.join(map(str, valid))}"
-                )
-            node, path = node[part], [*path, part]
+    """The training app's override-key check (see apps.check_override_keys)."""
+    apps.check_override_keys("train", overrides)
 
 
 def compose_config(overrides: list[str] | None = None) -> DictConfig:
     """The composed training config for these command-line overrides (checked as the app does)."""
-    from hydra.errors import ConfigCompositionException
-
-    overrides = list(overrides or [])
-    check_override_keys(overrides)
-    try:
-        return _compose(overrides)
-    except ConfigCompositionException as e:
-        raise ValueError(f"{e}: {e.__cause__}" if e.__cause__ else str(e)) from e
+    return apps.compose_config("train", overrides)
 
 
 def run(cfg: DictConfig, out_dir: str | Path) -> Trainer:

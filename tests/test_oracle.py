@@ -160,3 +160,11 @@ def test_bad_input():
         gm.score(torch.zeros(2, 3), 0.5, VPSDE())
     with pytest.raises(ValueError, match="single Gaussian"):
         gm.pf_ode_solution(torch.zeros(2, 2), 0.9, 0.1, VPSDE())
+
+
+def test_log_responsibilities_stay_finite_where_responsibilities_underflow():
+    gm = GaussianMixture.ring(k=8, radius=4.0, std=0.1)
+    x = torch.tensor([[4.0, 0.0]], dtype=torch.float32)
+    log_r = gm.log_responsibilities(x, 0.01, VPSDE())
+    assert bool(torch.isfinite(log_r).all()) and gm.responsibilities(x, 0.01, VPSDE()).min() == 0
+    torch.testing.assert_close(log_r.exp(), gm.responsibilities(x, 0.01, VPSDE()))
