@@ -77,5 +77,5 @@ def test_bad_config_fails_clearly(tmp_path, overrides, match):
 
 
 def test_unknown_keys_name_the_valid_ones():
-    with pytest.raises(ValueError, match="Did you mean 'solver.name'"):
+    with pytest.raises(ValueError, match=r"Did you mean 'solver\.name'"):
         compose_config("sample", ["solver.nmae=ode"])
