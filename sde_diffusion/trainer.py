@@ -26,7 +26,7 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ from .losses import LossConfig, dsm_loss
 from .nets import build_model
 from .parametrize import model_score_fn
 from .sde import SDE, ScoreFn
+from .solvers import sample
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -169,30 +170,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device = {name!r} but CUDA is not available; use 'auto' or 'cpu'")
     return device
-
-
-def _euler_maruyama_until_solvers(
-    score_fn: ScoreFn,
-    sde: SDE,
-    shape: Sequence[int],
-    steps: int,
-    generator: torch.Generator,
-    device: torch.device,
-) -> Tensor:
-    """Reverse-SDE Euler-Maruyama from T to sde.t_min (math.md 4), no noise on the last step.
-
-    Stand-in until sde_diffusion.solvers lands: the single place to replace with
-    solvers.sample(score_fn, sde, shape, solver='euler_maruyama', steps=steps, generator=generator).
-    """
-    x = sde.prior_sample(shape, generator=generator, device=device)
-    ts = torch.linspace(sde.T, sde.t_min, steps + 1, device=device, dtype=x.dtype)
-    for i in range(steps):
-        t, h = ts[i], ts[i] - ts[i + 1]
-        x = x - sde.reverse_drift(x, t, score_fn) * h
-        if i < steps - 1:
-            z = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
-            x = x + torch.sqrt(sde.g2(t) * h) * z
-    return x
 
 
 def _dist() -> tuple[int, int]:
@@ -492,14 +469,25 @@ class Trainer:
 
     @torch.no_grad()
     def sample(
-        self, n: int, steps: int | None = None, seed: int = 0, labels: Tensor | None = None
+        self,
+        n: int,
+        steps: int | None = None,
+        seed: int = 0,
+        labels: Tensor | None = None,
+        solver: str = "euler_maruyama",
+        **solver_params: object,
     ) -> Tensor:
-        """n samples from the EMA network (Euler-Maruyama on the reverse SDE)."""
-        g = torch.Generator(self.device).manual_seed(seed)
+        """n samples from the EMA network with any registered solver (Euler–Maruyama default)."""
         y = labels.to(self.device) if labels is not None else None
-        shape = (n, *self.data.shape)
-        return _euler_maruyama_until_solvers(
-            self.score_fn(y), self.sde, shape, steps or self.cfg.sample_steps, g, self.device
+        return sample(
+            self.score_fn(y),
+            self.sde,
+            (n, *self.data.shape),
+            solver=solver,
+            steps=steps or self.cfg.sample_steps,
+            generator=torch.Generator(self.device).manual_seed(seed),
+            device=self.device,
+            **solver_params,
         )
 
     def sample_figure(self) -> Path | None:
