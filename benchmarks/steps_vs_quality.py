@@ -326,7 +326,7 @@ def log_p0_table(records: Sequence[dict], problem: Problem) -> str:
 def ablation(problem: Problem, budgets: Sequence[int], cache: dict) -> list[dict]:
     """Our deterministic few-step solvers over every grid, where the grid ends (t_end) and
     whether the final Tweedie step is taken: which general setting helps, at every budget."""
-    t_ends = (problem.sde.t_min, 0.005, 0.02)
+    t_ends = (problem.sde.t_min, 0.01, 0.05)
     records = []
     for solver in [s for s in ("dpm_solver", "heun", "ddim") if s in SOLVERS]:
         for grid in GRIDS:
@@ -365,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     dims = args.dims or ([2] if args.quick else [2, 16])
     budgets = sorted(args.nfe or ((5, 10, 20, 100) if args.quick else NFES))
-    samples = args.samples or ([2000] if args.quick else [20000, 5000])
+    samples = args.samples or ([2000] if args.quick else [4000, 2000])
     samples = samples + [samples[-1]] * (len(dims) - len(samples))
     projections = args.projections or (128 if args.quick else 512)
     flow_tol = args.flow_tol or (1e-5 if args.quick else FLOW_TOL)

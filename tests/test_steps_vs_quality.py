@@ -6,7 +6,11 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+
+from sde_diffusion import model_score_fn
+from sde_diffusion.solvers import sample
 
 PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "steps_vs_quality.py"
 spec = importlib.util.spec_from_file_location("steps_vs_quality", PATH)
@@ -56,3 +60,17 @@ def test_quick_subset_runs_end_to_end(tmp_path, capsys):
     assert "| ours: ode | " in md
     assert "NFE 20 (sliced_w2): ours" in out and "NFE 10 (flow_w2): not measured" in out
     assert (tmp_path / "steps_vs_quality.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_the_peer_harness_keeps_diffusers_timestep_convention():
+    """diffusers' DDIM on "trailing" timesteps k = 999, 899, ..., 99 is our DDIM on the grid
+    t = (k + 1) / 1000 followed by the Tweedie step: the same eps-model at the same noise levels,
+    so the two agree to diffusers' float32 schedule tables."""
+    problem = bench.make_problem(2, 64, projections=4, flow_tol=None)
+    x_peer, nfe_peer = bench.peer("DDIMScheduler").run(problem, 10, 0)
+    grid = (torch.arange(999, 0, -100, dtype=torch.float64) + 1) / 1000
+    score_fn = model_score_fn(problem.eps_model, problem.sde, "eps", time_input="index")
+    res = sample(score_fn, problem.sde, problem.z, "ddim", grid=grid, return_info=True)
+    assert nfe_peer == res.nfe == 10
+    torch.testing.assert_close(res.samples, x_peer, rtol=1e-5, atol=1e-5)
