@@ -417,7 +417,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.argv[1:] if argv is None else argv
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    plot_quality(all_records, METRIC, args.out / "steps_vs_quality.png", ("sde",), "solver", floors)
+    plot_quality(
+        all_records,
+        (METRIC, FLOW_METRIC),
+        args.out / "steps_vs_quality.png",
+        ("sde",),
+        "solver",
+        floors,
+    )
     md = [
         "# Steps against quality: exact-score oracle, our solvers and diffusers' schedulers",
         f"Regenerate with `{command.strip()}` ({elapsed:.0f} s, {args.threads} torch thread(s)).",

@@ -190,49 +190,62 @@ def markdown_report(records: Sequence[Record], metric: str) -> str:
     return "\n".join(parts) + "\n"
 
 
+LINESTYLES = ("-", "--", ":", "-.")
+
+
 def plot_quality(
     records: Sequence[Record],
-    metric: str,
+    metric: str | Sequence[str],
     path: Path | str,
     panel: Sequence[str] = ("model", "sde"),
     line: str = "solver",
     floors: dict[tuple, float] | None = None,
 ) -> None:
     """Log–log plot of `metric` against the counted NFE: one panel per value of the `panel`
-    keys, one line per `line` value (mean over seeds). Runs without a positive value or without
-    an NFE are left out. `floors` maps a panel key to a horizontal reference line (e.g. the
-    data-vs-data value of the metric)."""
+    keys (one row of panels per metric when several are given), one line per `line` value
+    (mean over seeds). Runs without a positive value or without an NFE are left out. `floors`
+    maps a panel key to a horizontal reference line (e.g. the data-vs-data value) drawn in the
+    first row. Lines cycle through ten colours, then the next line style."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metrics = [metric] if isinstance(metric, str) else list(metric)
     panels = _groups(records, panel)
+    names = list(dict.fromkeys(r[line] for r in records))
     fig, axes = plt.subplots(
-        1, len(panels), figsize=(5 * len(panels), 4), squeeze=False, constrained_layout=True
+        len(metrics),
+        len(panels),
+        figsize=(5.5 * len(panels), 4.5 * len(metrics)),
+        squeeze=False,
+        constrained_layout=True,
     )
-    for ax, (key, runs) in zip(axes[0], panels.items(), strict=True):
-        for name, group in _groups(runs, (line,)).items():
-            by_nfe: dict[int, list[float]] = defaultdict(list)
-            for r in group:
-                value = r["metrics"].get(metric)
-                if r["status"] == "ok" and r["nfe"] and value is not None and value > 0:
-                    by_nfe[r["nfe"]].append(value)
-            if by_nfe:
-                nfes = sorted(by_nfe)
-                ys = [statistics.fmean(by_nfe[n]) for n in nfes]
-                ax.plot(nfes, ys, marker="o", ms=3, label=str(name[0]))
-        if floors and key in floors and floors[key] > 0:
-            ax.axhline(floors[key], color="k", ls=":", lw=1, label="floor")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("NFE")
-        ax.set_ylabel(metric)
-        ax.set_title(", ".join(f"{k}={v}" for k, v in zip(panel, key, strict=True)))
-        ax.grid(True, which="both", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.savefig(path, dpi=120)
+    for row, name_of_metric in enumerate(metrics):
+        for ax, (key, runs) in zip(axes[row], panels.items(), strict=True):
+            for (name,), group in _groups(runs, (line,)).items():
+                by_nfe: dict[int, list[float]] = defaultdict(list)
+                for r in group:
+                    value = r["metrics"].get(name_of_metric)
+                    if r["status"] == "ok" and r["nfe"] and value is not None and value > 0:
+                        by_nfe[r["nfe"]].append(value)
+                if by_nfe:
+                    i = names.index(name)
+                    nfes = sorted(by_nfe)
+                    ys = [statistics.fmean(by_nfe[n]) for n in nfes]
+                    style = {"color": f"C{i % 10}", "ls": LINESTYLES[i // 10 % len(LINESTYLES)]}
+                    ax.plot(nfes, ys, marker="o", ms=3, label=str(name), **style)
+            if row == 0 and floors and key in floors and floors[key] > 0:
+                ax.axhline(floors[key], color="k", ls=":", lw=1, label="floor")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("NFE")
+            ax.set_ylabel(name_of_metric)
+            ax.set_title(", ".join(f"{k}={v}" for k, v in zip(panel, key, strict=True)))
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
