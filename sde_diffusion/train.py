@@ -106,4 +106,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # run the app from the imported module, not from __main__: launchers that pickle the config
+    # (joblib, submitit) must find its dataclasses under their real module name
+    from sde_diffusion.train import main as module_main
+
+    module_main()
