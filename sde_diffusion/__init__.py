@@ -27,6 +27,7 @@ from .sde import (
     get_sde,
 )
 from .solvers import SOLVERS, SampleResult, sample, time_grid
+from .trainer import TrainConfig, Trainer, load_model, load_score_fn
 
 __version__ = "0.1.0"
 
@@ -42,6 +43,8 @@ __all__ = [
     "SampleResult",
     "ScoreFn",
     "SubVPSDE",
+    "TrainConfig",
+    "Trainer",
     "bits_per_dim",
     "cfg_score_fn",
     "classifier_guided_score_fn",
@@ -49,6 +52,8 @@ __all__ = [
     "eps_to_prediction",
     "get_sde",
     "inpaint",
+    "load_model",
+    "load_score_fn",
     "model_score_fn",
     "ode_log_likelihood",
     "prediction_to_eps",
