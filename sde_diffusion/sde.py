@@ -221,10 +221,15 @@ def _check_linear_betas(beta_min: float, beta_max: float) -> None:
 
 
 class _LinearBeta:
-    """beta(t) = beta_min + t (beta_max - beta_min) and its integral B(t), shared by VP and sub-VP."""
+    """beta(t) = beta_min + t (beta_max - beta_min), its integral B(t) and gamma_t = exp(-B/2),
+    shared by VP and sub-VP."""
 
-    beta_min: float
-    beta_max: float
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, T: float = 1.0):
+        _check_linear_betas(beta_min, beta_max)
+        self.beta_min, self.beta_max, self.T = float(beta_min), float(beta_max), _check_T(T)
+
+    def _log_gamma(self, t: Tensor) -> Tensor:
+        return -0.5 * self._B(t)
 
     def _B(self, t: Tensor) -> Tensor:
         return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t * t
@@ -293,13 +298,6 @@ class VPSDE(_LinearBeta, VPFamilySDE):
     """Variance-preserving SDE with a linear beta(t) (Song et al. 2021), the limit of DDPM."""
 
     t_min = 1e-3
-
-    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, T: float = 1.0):
-        _check_linear_betas(beta_min, beta_max)
-        self.beta_min, self.beta_max, self.T = float(beta_min), float(beta_max), _check_T(T)
-
-    def _log_gamma(self, t: Tensor) -> Tensor:
-        return -0.5 * self._B(t)
 
     def _t_from_log_gamma(self, log_gamma: Tensor) -> Tensor:
         return self._t_from_B(-2 * log_gamma)
@@ -412,13 +410,6 @@ class SubVPSDE(_LinearBeta, SDE):
     """
 
     t_min = 1e-3
-
-    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, T: float = 1.0):
-        _check_linear_betas(beta_min, beta_max)
-        self.beta_min, self.beta_max, self.T = float(beta_min), float(beta_max), _check_T(T)
-
-    def _log_gamma(self, t: Tensor) -> Tensor:
-        return -0.5 * self._B(t)
 
     def _sigma(self, t: Tensor) -> Tensor:
         return -torch.expm1(-self._B(t))
