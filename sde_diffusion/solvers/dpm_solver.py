@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..parametrize import tweedie_x0
 from ..sde import SDE, ScoreFn
 from ._registry import Callback, at, register, steps
 
@@ -30,9 +29,10 @@ __all__ = ["METHODS", "ORDERS", "dpm_solver_pp"]
 
 
 def _data_prediction(score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor) -> Tensor:
-    """x0_theta(x, t) = (x + sigma_t^2 score(x, t)) / gamma_t."""
-    t = at(t, x)
-    return tweedie_x0(x, t, score_fn(x, t), sde)
+    """x0_theta(x, t) = (x + sigma_t^2 score(x, t)) / gamma_t (Tweedie), for a grid time t: the
+    coefficients are taken at the scalar t, not recomputed over the batch."""
+    gamma, sigma = sde.marginal(t)
+    return (x + sigma * sigma * score_fn(x, at(t, x))) / gamma
 
 
 def _first_order(
