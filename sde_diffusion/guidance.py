@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 from ._tensor import check_finite
 from .parametrize import model_score_fn, tweedie_x0
 from .sde import SDE, ScoreFn
-from .solvers import get_solver, time_grid
+from .solvers import get_solver
 from .solvers._registry import generator_noise
-from .solvers.grids import check_grid
+from .solvers.grids import resolve_grid
 
 CLASSIFIER_OUTPUTS = ("logits", "log_prob")
 CFG_CONVENTIONS = ("lerp", "ho")
@@ -237,10 +237,7 @@ def inpaint(
     spec = get_solver(solver)
     # solvers that drop their last step's noise must keep it here: every interval is a last step
     keep_last_noise = "noise_last" in inspect.signature(spec.fn).parameters
-    if isinstance(grid, Tensor):
-        ts = check_grid(grid, sde)
-    else:
-        ts = time_grid(sde, steps, grid or spec.default_grid, t_end=t_end)
+    ts = resolve_grid(sde, grid, steps, spec.default_grid, t_end)
     known_at = _check_mask(mask, x_known)
     known = torch.where(known_at, x_known, torch.zeros_like(x_known))
     check_finite(known, "x_known on the mask")

@@ -29,7 +29,7 @@ from ._registry import (
 )
 from .ancestral import ddim, ddpm
 from .dpm_solver import dpm_solver_pp
-from .grids import GRIDS, check_grid, time_grid
+from .grids import GRIDS, resolve_grid, time_grid
 from .heun import edm_heun
 from .ode import probability_flow_ode
 from .sde_solvers import euler_maruyama, langevin_step, predictor_corrector
@@ -117,10 +117,7 @@ def sample(
         with return_trajectory, the state after every step.
     """
     spec = get_solver(solver) if isinstance(solver, str) else solver
-    if isinstance(grid, Tensor):
-        ts = check_grid(grid, sde)
-    else:
-        ts = time_grid(sde, steps, grid or spec.default_grid, t_end=t_end)
+    ts = resolve_grid(sde, grid, steps, spec.default_grid, t_end)
     noise = per_sample_noise(seeds) if seeds is not None else generator_noise(generator)
     if isinstance(shape_or_x_T, Tensor):
         x = shape_or_x_T

@@ -13,7 +13,7 @@ from ..sde import SDE
 
 GRIDS = ("uniform", "log_snr", "edm", "quadratic")
 
-__all__ = ["GRIDS", "check_grid", "time_grid"]
+__all__ = ["GRIDS", "check_grid", "resolve_grid", "time_grid"]
 
 
 def time_grid(
@@ -78,3 +78,13 @@ def check_grid(ts: Tensor, sde: SDE) -> Tensor:
             f"grid times must lie in (0, T = {sde.T}], got [{ts[-1].item()}, {ts[0].item()}]"
         )
     return ts
+
+
+def resolve_grid(
+    sde: SDE, grid: str | Tensor | None, steps: int, default: str, t_end: float | None = None
+) -> Tensor:
+    """The grid a sampler runs on: an explicit tensor (checked), else `steps` intervals of the
+    named kind (or `default`, the solver's own) down to t_end."""
+    if isinstance(grid, Tensor):
+        return check_grid(grid, sde)
+    return time_grid(sde, steps, grid or default, t_end=t_end)
