@@ -46,15 +46,20 @@ def test_oracle_guidance_samples_the_chosen_component(tmp_path):
     assert record["status"] == "ok" and np.mean(np.abs(angle - 135) < 22.5) > 0.99
 
 
-def test_checkpoint_run(tmp_path):
+def _tiny_checkpoint(out_dir, data, n):
+    """A checkpoint of a tiny MLP trained for 6 steps on `data` (n samples)."""
     cfg = train.compose_config(
         [
-            "data=two_moons", "data.n=500", "model.width=16", "model.depth=1", "model.embed_dim=8",
+            f"data={data}", f"data.n={n}", "model.width=16", "model.depth=1", "model.embed_dim=8",
             "train.steps=6", "train.batch_size=32", "train.log_every=3", "train.sample_every=-1",
             "train.device=cpu", "train.progress=false", "train.tensorboard=false",
         ]
     )  # fmt: skip
-    ckpt = train.run(cfg, tmp_path / "train").last_checkpoint
+    return train.run(cfg, out_dir).last_checkpoint
+
+
+def test_checkpoint_run(tmp_path):
+    ckpt = _tiny_checkpoint(tmp_path / "train", "two_moons", 500)
     record = _run(tmp_path / "s", "model=ckpt", f"ckpt={ckpt}", "solver=euler_maruyama", "steps=5")
     assert record["status"] == "ok" and record["nfe"] == 6
     assert set(record["metrics"]) == {"sliced_w2"}
@@ -90,14 +95,7 @@ def ring_ckpt_and_classifier(tmp_path_factory):
     from sde_diffusion.trainer import load_model
 
     tmp = tmp_path_factory.mktemp("cg")
-    cfg = train.compose_config(
-        [
-            "data=gmm", "data.n=2000", "model.width=16", "model.depth=1", "model.embed_dim=8",
-            "train.steps=6", "train.batch_size=32", "train.log_every=3", "train.sample_every=-1",
-            "train.device=cpu", "train.progress=false", "train.tensorboard=false",
-        ]
-    )  # fmt: skip
-    ckpt = train.run(cfg, tmp / "train").last_checkpoint
+    ckpt = _tiny_checkpoint(tmp / "train", "gmm", 2000)
     _, sde, _ = load_model(ckpt, "cpu")
     data = load_data(DataConfig(name="gmm", n=2000))
     g = torch.Generator().manual_seed(0)
