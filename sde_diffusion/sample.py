@@ -7,6 +7,9 @@ figure (a scatter plot for 2-D data, an image grid for images).
 
     python -m sde_diffusion.sample model=oracle solver=heun steps=10
     python -m sde_diffusion.sample model=ckpt ckpt=outputs/train/.../checkpoints/step_00002000.safetensors
+    python -m sde_diffusion.sample model=ckpt ckpt=... guidance.label=3 guidance.scale=1
+    python -m sde_diffusion.sample model=ckpt ckpt=... guidance.label=3 guidance.scale=4 \\
+        guidance.kind=classifier guidance.classifier=noisy_classifier.safetensors
     python -m sde_diffusion.sample -m model=oracle sde=vp,subvp,ve \\
         solver=euler_maruyama,pc,ode,ddpm,ddim,dpm_solver,heun steps=5,10,20,50,100,250,1000
 
