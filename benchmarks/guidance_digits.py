@@ -85,7 +85,7 @@ def save_panels(
             ax.tick_params(length=0)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     log(f"wrote {path}")
 
@@ -232,9 +232,9 @@ def inpaint_part(model, meta, data, args, out: Path) -> str:
     panels = []
     for k, name in enumerate(masks):
         sl = slice(k * n, k * n + args.inpaint_show)
-        rows = [shown[sl], *(r[sl].repeat(1, 3, 1, 1) for r in results.values())]
-        rows.append(x[sl].repeat(1, 3, 1, 1))
-        panels.append((f"{name} mask", torch.cat(rows), args.inpaint_show))
+        stack = [shown[sl], *(r[sl].repeat(1, 3, 1, 1) for r in results.values())]
+        stack.append(x[sl].repeat(1, 3, 1, 1))
+        panels.append((f"{name} mask", torch.cat(stack), args.inpaint_show))
     labels = ["masked input", *results, "original"]
     save_panels(panels, out / "inpaint_digits.png", labels)
     header = ["mask", "unknown fraction", *(f"MSE to the original, {r}" for r in results)]
