@@ -8,12 +8,16 @@ stay near unit variance, VE inputs grow to sigma_max without the classifier noti
 
 Vectors (data_shape = (D,)) get an MLP, images (C, H, W) a small strided conv net; in both, every
 layer receives the noise-level features as an added bias (per unit or per channel).
+`save_classifier` / `load_classifier` store one as safetensors with its architecture and SDE, so the
+sampling app can guide a checkpoint with it (`guidance.kind=classifier`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -21,9 +25,12 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ._tensor import append_dims
+from .checkpoint import sde_from_spec, sde_spec
 from .sde import SDE
 
-__all__ = ["NoisyClassifier", "train_classifier"]
+__all__ = ["NoisyClassifier", "load_classifier", "save_classifier", "train_classifier"]
+
+_META_KEY = "sde_diffusion.noisy_classifier"
 
 
 class NoisyClassifier(nn.Module):
@@ -60,6 +67,15 @@ class NoisyClassifier(nn.Module):
         if not (math.isfinite(data_var) and data_var > 0):
             raise ValueError(f"data_var must be a finite number > 0, got {data_var}")
         self.sde, self.data_var, self.num_classes = sde, float(data_var), int(num_classes)
+        # the constructor's arguments (but the SDE), for save_classifier
+        self.config = {
+            "data_shape": list(self.data_shape),
+            "num_classes": self.num_classes,
+            "width": int(width),
+            "depth": int(depth),
+            "time_features": int(time_features),
+            "data_var": self.data_var,
+        }
         # fixed frequencies 0.05 .. 5 cover lambda from about -20 to 20 without aliasing
         freqs = torch.exp(torch.linspace(math.log(0.05), math.log(5.0), time_features))
         self.register_buffer("freqs", freqs, persistent=False)
@@ -142,3 +158,35 @@ def train_classifier(
         losses.append(loss.item())
     classifier.eval()
     return losses
+
+
+def save_classifier(classifier: NoisyClassifier, path: str | Path) -> Path:
+    """Write the classifier's weights, architecture and SDE to a safetensors file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = json.dumps({"config": classifier.config, "sde": sde_spec(classifier.sde)})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={_META_KEY: doc})
+    tmp.replace(path)
+    return path
+
+
+def load_classifier(path: str | Path, device: torch.device | str | None = None) -> NoisyClassifier:
+    """Rebuild a classifier written by `save_classifier`, in eval mode with frozen weights."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no classifier file at {path}")
+    with safe_open(str(path), framework="pt") as f:
+        doc = (f.metadata() or {}).get(_META_KEY)
+        if doc is None:
+            raise ValueError(f"{path} is not a NoisyClassifier written by save_classifier")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta = json.loads(doc)
+    classifier = NoisyClassifier(sde=sde_from_spec(meta["sde"]), **meta["config"])
+    classifier.load_state_dict(tensors)
+    return classifier.to(device).eval().requires_grad_(False)

@@ -7,6 +7,9 @@ figure (a scatter plot for 2-D data, an image grid for images).
 
     python -m sde_diffusion.sample model=oracle solver=heun steps=10
     python -m sde_diffusion.sample model=ckpt ckpt=outputs/train/.../checkpoints/step_00002000.safetensors
+    python -m sde_diffusion.sample model=ckpt ckpt=... guidance.label=3 guidance.scale=1
+    python -m sde_diffusion.sample model=ckpt ckpt=... guidance.label=3 guidance.scale=4 \\
+        guidance.kind=classifier guidance.classifier=noisy_classifier.safetensors
     python -m sde_diffusion.sample -m model=oracle sde=vp,subvp,ve \\
         solver=euler_maruyama,pc,ode,ddpm,ddim,dpm_solver,heun steps=5,10,20,50,100,250,1000
 
@@ -36,6 +39,8 @@ from .apps import (
     dtype_of,
     register_shared_schemas,
 )
+from .checkpoint import sde_spec
+from .classifier import load_classifier
 from .config import build_sde
 from .data import DataConfig, load_data
 from .figures import save_sample_figure
@@ -48,7 +53,7 @@ from .trainer import load_model, resolve_device
 
 MODELS = ("oracle", "ckpt")
 
-__all__ = ["GuidanceConfig", "SampleAppConfig", "SolverConfig", "main", "run"]
+__all__ = ["GUIDANCE_KINDS", "GuidanceConfig", "SampleAppConfig", "SolverConfig", "main", "run"]
 
 
 @dataclass
@@ -60,17 +65,39 @@ class SolverConfig:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+GUIDANCE_KINDS = ("cfg", "classifier")
+
+
 @dataclass
 class GuidanceConfig:
     """Class-conditional sampling: `label` (None: unconditional) at guidance `scale`.
 
-    For a class-conditional checkpoint this is classifier-free guidance in Ho & Salimans'
-    convention (scale 0 = the plain conditional model); for the oracle, classifier guidance with
-    the exact p_t(y | x) of its components (scale 1 = the exact conditional score).
+    For a checkpoint, `kind` picks the method:
+      - cfg: classifier-free guidance of a class-conditional checkpoint in Ho & Salimans'
+        convention (scale 0 = the plain conditional model);
+      - classifier: the checkpoint's unconditional score (the null label, for a conditional one)
+        plus scale * grad log p_t(label | x) of the NoisyClassifier saved at `classifier`
+        (`sde_diffusion.classifier.save_classifier`; trained on the checkpoint's SDE).
+    For the oracle, always classifier guidance with the exact p_t(y | x) of its components
+    (scale 1 = the exact conditional score).
     """
 
     label: int | None = None
     scale: float = 1.0
+    kind: str = "cfg"
+    classifier: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in GUIDANCE_KINDS:
+            raise ValueError(
+                f"unknown guidance.kind {self.kind!r}; valid choices: {', '.join(GUIDANCE_KINDS)}"
+            )
+        if self.kind == "classifier" and not self.classifier:
+            raise ValueError(
+                "guidance.kind=classifier needs guidance.classifier=<path to a NoisyClassifier>"
+            )
+        if self.classifier and not Path(self.classifier).is_file():
+            raise ValueError(f"classifier {self.classifier} does not exist")
 
 
 @dataclass
@@ -153,16 +180,28 @@ def build_target(cfg: SampleAppConfig, device: torch.device, dtype: torch.dtype)
     if not (meta.get("config") or {}).get("data"):
         raise ValueError(f"{cfg.ckpt} records no data config to evaluate against")
     data = load_data(DataConfig(**meta["config"]["data"]))
-    if label is None:
-        score_fn = model_score_fn(model, sde, meta["prediction"], "t")
-    else:
+    score_fn = model_score_fn(model, sde, meta["prediction"], "t")
+    if label is not None and cfg.guidance.kind == "classifier":
+        classifier = load_classifier(cfg.guidance.classifier, device).to(dtype)
+        if sde_spec(classifier.sde) != sde_spec(sde):
+            raise ValueError(
+                f"the classifier {cfg.guidance.classifier} was trained on {classifier.sde!r}, "
+                f"the checkpoint on {sde!r}"
+            )
+        if not 0 <= label < classifier.num_classes:
+            raise ValueError(
+                f"guidance.label must lie in [0, {classifier.num_classes - 1}], got {label}"
+            )
+        score_fn = classifier_guided_score_fn(score_fn, classifier, label, scale)
+    elif label is not None:
         num_classes = meta["model"]["num_classes"]
         if not num_classes:
             raise ValueError(
                 f"guidance.label needs a class-conditional checkpoint; {cfg.ckpt} is not"
             )
         score_fn = cfg_score_fn(model, sde, label, num_classes, scale, "ho", meta["prediction"])
-    reference = data.test if label is None else data.test[data.test_labels == label]
+    labelled = label is not None and data.test_labels is not None
+    reference = data.test[data.test_labels == label] if labelled else data.test
     return Target(score_fn, sde, data.shape, reference, name=str(cfg.ckpt))
 
 

@@ -14,7 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sde_diffusion import VESDE, VPSDE, GaussianMixture, SubVPSDE
-from sde_diffusion.classifier import NoisyClassifier, train_classifier
+from sde_diffusion.classifier import (
+    NoisyClassifier,
+    load_classifier,
+    save_classifier,
+    train_classifier,
+)
 from sde_diffusion.guidance import cfg_eps, cfg_score_fn, classifier_guided_score_fn
 from sde_diffusion.solvers import sample
 
@@ -193,6 +198,29 @@ def test_conv_classifier_treats_samples_independently():
         assert logits.shape == (4, 10) and logits.dtype == dtype
         (grad,) = torch.autograd.grad(logits[0].sum(), x)
         assert grad[1:].abs().max() == 0 and grad[0].abs().max() > 0
+
+
+def test_saved_classifier_is_rebuilt_with_its_architecture_and_sde(tmp_path):
+    """save_classifier / load_classifier: same logits, SDE and hyper-parameters after the trip;
+    a safetensors file that is not a classifier is refused."""
+    sde = VESDE(sigma_min=0.02, sigma_max=30.0)
+    clf = NoisyClassifier((1, 8, 8), 7, sde, width=6, depth=2, time_features=5, data_var=0.3)
+    path = save_classifier(clf, tmp_path / "clf.safetensors")
+    back = load_classifier(path)
+    assert back.config == clf.config and back.num_classes == 7 and back.data_var == 0.3
+    assert isinstance(back.sde, VESDE) and back.sde.sigma_max == 30.0
+    assert not any(p.requires_grad for p in back.parameters()) and not back.training
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.1, 0.5, 0.9])
+    with torch.no_grad():
+        torch.testing.assert_close(back(x, t), clf.eval()(x, t), rtol=0, atol=0)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a NoisyClassifier"):
+        load_classifier(tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="no classifier file"):
+        load_classifier(tmp_path / "missing.safetensors")
 
 
 @pytest.mark.slow
