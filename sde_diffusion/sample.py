@@ -44,7 +44,7 @@ from .classifier import load_classifier
 from .config import build_sde
 from .data import DataConfig, load_data
 from .figures import save_sample_figure
-from .guidance import cfg_score_fn, classifier_guided_score_fn
+from .guidance import MASKS, cfg_score_fn, classifier_guided_score_fn, inpaint, inpaint_mask
 from .metrics import image_metrics, oracle_metrics, sliced_wasserstein
 from .parametrize import model_score_fn
 from .sde import SDE, ScoreFn
@@ -101,6 +101,23 @@ class GuidanceConfig:
 
 
 @dataclass
+class InpaintConfig:
+    """Inpainting instead of free sampling: `mask` (half, box, random; None: off) hides part of
+    held-out data (the oracle's own samples for model=oracle) and the solver fills it in, with
+    RePaint resampling when `resample` > 1 (`jump`: its jump length)."""
+
+    mask: str | None = None
+    resample: int = 1
+    jump: int = 1
+
+    def __post_init__(self) -> None:
+        if self.mask is not None and self.mask not in MASKS:
+            raise ValueError(
+                f"unknown inpaint.mask {self.mask!r}; valid choices: {', '.join(MASKS)}"
+            )
+
+
+@dataclass
 class SampleAppConfig:
     """The root of the sampling config."""
 
@@ -109,6 +126,7 @@ class SampleAppConfig:
     model: Any = MISSING
     ckpt: str | None = None
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    inpaint: InpaintConfig = field(default_factory=InpaintConfig)
     steps: int = 20
     num_samples: int = 2000
     batch_size: int = 4096
@@ -205,6 +223,64 @@ def build_target(cfg: SampleAppConfig, device: torch.device, dtype: torch.dtype)
     return Target(score_fn, sde, data.shape, reference, name=str(cfg.ckpt))
 
 
+def _inpaint_problem(
+    obj: SampleAppConfig, target: Target, first: int, n: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(observations, mask) for samples first..first+n: held-out data (or the oracle's samples,
+    drawn once from the seed) and one mask of the configured kind."""
+    pool = target.reference
+    if pool is None:
+        pool = target.oracle.sample(obj.num_samples, torch.Generator().manual_seed(obj.seed))
+    idx = torch.arange(first, first + n) % len(pool)
+    mask_gen = torch.Generator().manual_seed(obj.seed)
+    mask = inpaint_mask(obj.inpaint.mask, target.data_shape, generator=mask_gen)
+    return pool[idx].to(dtype), mask.to(dtype)
+
+
+def _inpaint(
+    obj: SampleAppConfig,
+    target: Target,
+    first: int,
+    n: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    common: dict[str, Any],
+) -> tuple[torch.Tensor, int]:
+    """Fill in a batch of masked observations; returns the result and the counted NFE."""
+    x_known, mask = _inpaint_problem(obj, target, first, n, dtype)
+    calls = 0
+
+    def counted(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return target.score_fn(x, t)
+
+    x = inpaint(
+        counted,
+        target.sde,
+        x_known.to(device),
+        mask.to(device),
+        solver=obj.solver.name,
+        resample=obj.inpaint.resample,
+        jump=obj.inpaint.jump,
+        **common,
+    )
+    return x, calls
+
+
+def _inpaint_metrics(
+    x: torch.Tensor, target: Target, obj: SampleAppConfig, dtype: torch.dtype
+) -> dict[str, float]:
+    """How the known entries came out (exactly 0 error is the contract) and the error on the
+    unknown ones against the hidden originals."""
+    x_known, mask = _inpaint_problem(obj, target, 0, len(x), dtype)
+    known = mask.expand_as(x).bool()
+    return {
+        "known_max_abs_error": float((x - x_known)[known].abs().max()),
+        "unknown_mse": float((x - x_known)[~known].square().mean()),
+    }
+
+
 def _metrics(x: torch.Tensor, target: Target, generator: torch.Generator) -> dict[str, float]:
     if target.oracle is not None:
         return oracle_metrics(x.double(), target.oracle, generator=generator)
@@ -241,29 +317,39 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         chunks, nfe = [], 0
         for b, first in enumerate(range(0, obj.num_samples, obj.batch_size)):
             n = min(obj.batch_size, obj.num_samples - first)
-            result = sample(
-                target.score_fn,
-                target.sde,
-                (n, *target.data_shape),
-                solver=obj.solver.name,
+            generator = torch.Generator(device).manual_seed(obj.seed * 100_003 + b)
+            common = dict(
                 steps=obj.steps,
                 grid=obj.solver.grid,
                 t_end=obj.t_end,
                 denoise=obj.denoise,
-                generator=torch.Generator(device).manual_seed(obj.seed * 100_003 + b),
-                device=device,
-                dtype=dtype,
+                generator=generator,
                 progress=sys.stderr.isatty(),
-                return_info=True,
                 **obj.solver.params,
             )
-            chunks.append(result.samples.detach().cpu())
-            nfe = max(nfe, result.nfe)
+            if obj.inpaint.mask is None:
+                result = sample(
+                    target.score_fn,
+                    target.sde,
+                    (n, *target.data_shape),
+                    solver=obj.solver.name,
+                    device=device,
+                    dtype=dtype,
+                    return_info=True,
+                    **common,
+                )
+                out_x, used = result.samples, result.nfe
+            else:
+                out_x, used = _inpaint(obj, target, first, n, device, dtype, common)
+            chunks.append(out_x.detach().cpu())
+            nfe = max(nfe, used)
         x = torch.cat(chunks)
         record["nfe"] = nfe
         record["wall_time_s"] = time.perf_counter() - start
         record["metrics"] = _metrics(x, target, torch.Generator().manual_seed(obj.seed + 1))
-        np.savez(out / "samples.npz", samples=x.numpy(), nfe=nfe, ts=result.ts.numpy())
+        if obj.inpaint.mask is not None:
+            record["metrics"].update(_inpaint_metrics(x, target, obj, dtype))
+        np.savez(out / "samples.npz", samples=x.numpy(), nfe=nfe)
         ref = target.reference if target.oracle is None else target.oracle.sample(len(x))
         figure = save_sample_figure(ref, x, out / "samples.png", title=_title(record))
         print(f"figure: {figure}")

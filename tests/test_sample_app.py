@@ -165,3 +165,25 @@ def test_classifier_of_another_sde_is_refused(tmp_path, ring_ckpt_and_classifier
     guide = ["guidance.kind=classifier", f"guidance.classifier={other}", "guidance.label=1"]
     with pytest.raises(ValueError, match="was trained on VESDE"):
         _run(tmp_path / "s", "model=ckpt", f"ckpt={ckpt}", *guide)
+
+
+def test_checkpoint_inpainting_keeps_the_known_pixels_exactly(tmp_path):
+    cfg = train.compose_config(
+        [
+            "model=unet", "data=digits", "model.base_channels=8", "model.channel_mult=[1]",
+            "model.num_res_blocks=1", "model.attn_resolutions=[]", "model.num_heads=1",
+            "train.steps=2", "train.batch_size=8", "train.log_every=1", "train.sample_every=-1",
+            "train.device=cpu", "train.progress=false", "train.tensorboard=false",
+        ]
+    )  # fmt: skip
+    ckpt = train.run(cfg, tmp_path / "train").last_checkpoint
+    for mask in ("half", "box", "random"):
+        record = _run(
+            tmp_path / mask, "model=ckpt", f"ckpt={ckpt}", "solver=euler_maruyama", "steps=4",
+            "num_samples=16", f"inpaint.mask={mask}", "inpaint.resample=2",
+        )  # fmt: skip
+        assert record["status"] == "ok", record["error"]
+        assert record["metrics"]["known_max_abs_error"] == 0.0
+        assert record["nfe"] == 4 + 4 + 1  # 4 steps, each walked twice by RePaint, the Tweedie step
+    with pytest.raises(ValueError, match="valid choices: half, box, random"):
+        _run(tmp_path, f"ckpt={ckpt}", "model=ckpt", "inpaint.mask=circle")
