@@ -122,13 +122,16 @@ def cfg_part(model, meta, args, judge, out: Path) -> str:
         return cfg_score_fn(model, args.sde, labels, null, w, "ho", meta["prediction"])
 
     res = labelled_sampling(score_for, args.cfg_scales, args.per_digit, args, judge, "cfg")
-    save_panels(
-        [(f"CFG w = {w:g}", x, args.per_digit) for w, x, _ in res],
-        out / "cfg_digits.png",
-        DIGIT_ROWS,
+    return guidance_figure_and_table(
+        res, "CFG w", out / "cfg_digits.png", "CFG scale w (Ho & Salimans)", args
     )
+
+
+def guidance_figure_and_table(res, panel: str, path: Path, column: str, args) -> str:
+    """One panel of digits per guidance scale, and the label-accuracy table."""
+    save_panels([(f"{panel} = {w:g}", x, args.per_digit) for w, x, _ in res], path, DIGIT_ROWS)
     rows = [[f"{w:g}", f"{acc:.3f}"] for w, _, acc in res]
-    return table(["CFG scale w (Ho & Salimans)", "label accuracy"], rows)
+    return table([column, "label accuracy"], rows)
 
 
 def noisy_classifier(data, args) -> NoisyClassifier:
@@ -176,13 +179,13 @@ def classifier_part(model, meta, data, args, judge, out: Path) -> str:
         return classifier_guided_score_fn(uncond, clf, labels, w)
 
     res = labelled_sampling(score_for, args.cg_scales, args.per_digit, args, judge, "classifier")
-    save_panels(
-        [(f"classifier guidance w = {w:g}", x, args.per_digit) for w, x, _ in res],
+    return guidance_figure_and_table(
+        res,
+        "classifier guidance w",
         out / "classifier_guidance_digits.png",
-        DIGIT_ROWS,
+        "classifier scale w",
+        args,
     )
-    rows = [[f"{w:g}", f"{acc:.3f}"] for w, _, acc in res]
-    return table(["classifier scale w", "label accuracy"], rows)
 
 
 def inpaint_part(model, meta, data, args, out: Path) -> str:
