@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .._tensor import check_finite, is_finite
 from ..parametrize import tweedie_x0
 from ..sde import SDE, ScoreFn
-from . import ancestral, dpm_solver, heun, ode, sde_solvers  # noqa: F401  (registers the solvers)
+from . import ancestral, expint, heun, ode, sde_solvers  # noqa: F401  (registers the solvers)
 from ._registry import (
     SOLVERS,
     IncompatibleSDEError,
@@ -28,7 +28,7 @@ from ._registry import (
     per_sample_noise,
 )
 from .ancestral import ddim, ddpm
-from .dpm_solver import dpm_solver_pp
+from .expint import dpm_solver_pp, unipc
 from .grids import GRIDS, resolve_grid, time_grid
 from .heun import edm_heun
 from .ode import probability_flow_ode
@@ -50,6 +50,7 @@ __all__ = [
     "probability_flow_ode",
     "sample",
     "time_grid",
+    "unipc",
 ]
 
 
@@ -109,7 +110,9 @@ def sample(
     solver: a registered name (see SOLVERS) or a SolverSpec; solver_params go to it by name.
     steps / grid: `steps` intervals of the grid kind `grid` (default: the solver's own), or
         `grid` as an explicit strictly decreasing tensor of times (then `steps` is ignored).
-    t_end: where the grid stops (default sde.t_min).
+    t_end: where the grid stops. Default: sde.t_min, or with `denoise` (solvers whose grid sets
+        their evaluations, all but the adaptive `ode`) `grids.final_time`: T / (2 steps + 1)
+        while that is above t_min, so that the Tweedie jump to t = 0 is half a grid step.
     denoise: finish with the Tweedie step x0 = (x + sigma^2 s(x, t_end)) / gamma (one more NFE).
     generator / seeds: noise from one generator for the batch, or per-sample seeds so that each
         sample's trajectory depends on its own seed only.
@@ -117,7 +120,7 @@ def sample(
         with return_trajectory, the state after every step.
     """
     spec = get_solver(solver) if isinstance(solver, str) else solver
-    ts = resolve_grid(sde, grid, steps, spec.default_grid, t_end)
+    ts = resolve_grid(sde, grid, steps, spec.default_grid, t_end, denoise and spec.grid_sets_nfe)
     noise = per_sample_noise(seeds) if seeds is not None else generator_noise(generator)
     if isinstance(shape_or_x_T, Tensor):
         x = shape_or_x_T

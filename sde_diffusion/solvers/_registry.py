@@ -26,12 +26,15 @@ Callback = Callable[[int, Tensor, Tensor], None]
 
 @dataclass(frozen=True)
 class SolverSpec:
-    """A registered solver: its function, the grid it defaults to, whether it draws noise."""
+    """A registered solver: its function, the grid it defaults to, whether it draws noise, and
+    whether its grid sets its evaluations (then `sample(denoise=True)` ends the default grid
+    half a step above t = 0, see `grids.final_time`; not so for an adaptive ODE solver)."""
 
     name: str
     fn: Callable[..., Tensor]
     default_grid: str
     stochastic: bool
+    grid_sets_nfe: bool = True
 
 
 SOLVERS: dict[str, SolverSpec] = {}
@@ -42,13 +45,13 @@ class IncompatibleSDEError(ValueError):
 
 
 def register(
-    name: str, default_grid: str = "uniform"
+    name: str, default_grid: str = "uniform", grid_sets_nfe: bool = True
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Add a solver function to the registry under `name`."""
 
     def wrap(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         stochastic = "noise" in inspect.signature(fn).parameters
-        SOLVERS[name] = SolverSpec(name, fn, default_grid, stochastic)
+        SOLVERS[name] = SolverSpec(name, fn, default_grid, stochastic, grid_sets_nfe)
         return fn
 
     return wrap

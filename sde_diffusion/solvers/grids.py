@@ -13,7 +13,7 @@ from ..sde import SDE
 
 GRIDS = ("uniform", "log_snr", "edm", "quadratic")
 
-__all__ = ["GRIDS", "check_grid", "resolve_grid", "time_grid"]
+__all__ = ["GRIDS", "check_grid", "final_time", "resolve_grid", "time_grid"]
 
 
 def time_grid(
@@ -80,11 +80,35 @@ def check_grid(ts: Tensor, sde: SDE) -> Tensor:
     return ts
 
 
+def final_time(sde: SDE, steps: int) -> float:
+    """Where a grid of `steps` intervals that ends with a Tweedie step should stop: T / (2 steps
+    + 1), or t_min when that is larger.
+
+    The Tweedie step x0 = E[x_0 | x_t] is a jump from t_end to 0 that costs an evaluation like
+    any step. Ending at t_min spends it on a negligible interval and leaves the steps before it
+    to cover [t_min, T] alone; ending at T / (2 steps + 1) makes the jump half of an equal step
+    of [t_end, T] (the idea of the "trailing" timesteps of Lin et al. 2024, which end a full step
+    above 0). On Gaussian-ring oracles at 10 evaluations it cuts the distance to the exact flow
+    of DPM-Solver++, UniPC and Heun to 0.36-0.52 of what ending at t_min gives, leaves DDIM's
+    unchanged, and improves or keeps every stochastic sampler's sliced W2 (tests/
+    test_solvers_expint.py, benchmarks/steps_vs_quality.py). From 500 steps on it is t_min.
+    """
+    return max(float(sde.t_min), float(sde.T) / (2 * steps + 1))
+
+
 def resolve_grid(
-    sde: SDE, grid: str | Tensor | None, steps: int, default: str, t_end: float | None = None
+    sde: SDE,
+    grid: str | Tensor | None,
+    steps: int,
+    default: str,
+    t_end: float | None = None,
+    denoise: bool = False,
 ) -> Tensor:
     """The grid a sampler runs on: an explicit tensor (checked), else `steps` intervals of the
-    named kind (or `default`, the solver's own) down to t_end."""
+    named kind (or `default`, the solver's own) down to t_end (default: t_min, or with
+    `denoise`, `final_time(sde, steps)`)."""
     if isinstance(grid, Tensor):
         return check_grid(grid, sde)
+    if t_end is None and denoise:
+        t_end = final_time(sde, steps)
     return time_grid(sde, steps, grid or default, t_end=t_end)

@@ -15,7 +15,7 @@ from ._registry import Callback, register
 ADAPTIVE_METHODS = ("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun")
 
 
-@register("ode")
+@register("ode", grid_sets_nfe=False)
 def probability_flow_ode(
     score_fn: ScoreFn,
     sde: SDE,
