@@ -143,50 +143,53 @@ class GaussianMixture:
     # ---- exact densities and scores ----------------------------------------------------------
 
     def _moments(self, x: Tensor, t: Tensor | float, sde: SDE) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-sample/component projected residuals r = U^T (x - gamma mu), variances v and log N."""
+        """Per-sample/component projected residuals r = U^T (x - gamma mu), precisions 1 / v
+        (v = gamma^2 d + sigma^2 on the eigenbasis) and log N + log w_k, the log joint.
+
+        The variances depend on t alone, so they and their log-determinants are computed once
+        per distinct time of the batch (a solver's batch shares one) and gathered."""
         x = x.reshape(x.shape[0], -1)
         if x.shape[1] != self.dim:
             raise ValueError(
                 f"x has {x.shape[1]} features per sample, the mixture has D = {self.dim}"
             )
-        t = sde.time(t, x)
-        gamma, sigma = sde.marginal(t)
-        gamma, sigma = gamma.expand(x.shape[0]), sigma.expand(x.shape[0])
-        evals, evecs, means = (
-            a.to(x.device, x.dtype) for a in (self._evals, self._evecs, self.means)
+        t_unique, index = torch.unique(sde.time(t, x).expand(x.shape[0]), return_inverse=True)
+        gamma, sigma = sde.marginal(t_unique)
+        evals, evecs, means, weights = (
+            a.to(x.device, x.dtype) for a in (self._evals, self._evecs, self.means, self.weights)
         )
-        diff = x[:, None, :] - gamma[:, None, None] * means[None]  # (B, K, D)
+        v = gamma[:, None, None] ** 2 * evals[None] + sigma[:, None, None] ** 2  # (U, K, D)
+        log_norm = torch.log(weights) - 0.5 * (
+            torch.log(v).sum(-1) + self.dim * math.log(2 * math.pi)
+        )  # (U, K)
+        diff = x[:, None, :] - gamma[index, None, None] * means[None]  # (B, K, D)
         r = torch.einsum("kdj,bkd->bkj", evecs, diff)  # coordinates in each eigenbasis
-        v = gamma[:, None, None] ** 2 * evals[None] + sigma[:, None, None] ** 2  # (B, K, D)
-        log_n = -0.5 * (
-            (r * r / v).sum(-1) + torch.log(v).sum(-1) + self.dim * math.log(2 * math.pi)
-        )
-        return r, v, log_n
-
-    def _log_joint(self, x: Tensor, t: Tensor | float, sde: SDE) -> tuple[Tensor, Tensor, Tensor]:
-        r, v, log_n = self._moments(x, t, sde)
-        return r, v, log_n + torch.log(self.weights.to(x.device, x.dtype))
+        precision = 1 / v if len(t_unique) == 1 else (1 / v)[index]  # broadcasts over the batch
+        log_joint = log_norm[index] - 0.5 * (r * r * precision).sum(-1)
+        return r, precision, log_joint
 
     def log_prob(self, x: Tensor, t: Tensor | float, sde: SDE) -> Tensor:
         """Exact log p_t(x), one value per sample."""
-        return torch.logsumexp(self._log_joint(x, t, sde)[2], dim=1)
+        return torch.logsumexp(self._moments(x, t, sde)[2], dim=1)
 
     def responsibilities(self, x: Tensor, t: Tensor | float, sde: SDE) -> Tensor:
         """Exact p_t(k | x), shape (batch, K): the Bayes-optimal classifier on noisy data."""
-        return torch.softmax(self._log_joint(x, t, sde)[2], dim=1)
+        return torch.softmax(self._moments(x, t, sde)[2], dim=1)
 
     def log_responsibilities(self, x: Tensor, t: Tensor | float, sde: SDE) -> Tensor:
         """Exact log p_t(k | x), shape (batch, K), finite where p_t(k | x) underflows to 0."""
-        return torch.log_softmax(self._log_joint(x, t, sde)[2], dim=1)
+        return torch.log_softmax(self._moments(x, t, sde)[2], dim=1)
 
     def score(
         self, x: Tensor, t: Tensor | float, sde: SDE, component: Tensor | int | None = None
     ) -> Tensor:
         """Exact grad_x log p_t(x); with `component`, the score of that component alone
         (the class-conditional score grad log p_t(x | y = component))."""
-        r, v, log_joint = self._log_joint(x, t, sde)
+        r, precision, log_joint = self._moments(x, t, sde)
         evecs = self._evecs.to(x.device, x.dtype)
-        comp_scores = -torch.einsum("kdj,bkj->bkd", evecs, r / v)  # -C_k^{-1}(x - gamma mu_k)
+        comp_scores = -torch.einsum(
+            "kdj,bkj->bkd", evecs, r * precision
+        )  # -C_k^{-1}(x - gamma mu_k)
         if component is None:
             s = (torch.softmax(log_joint, dim=1)[..., None] * comp_scores).sum(1)
         else:
