@@ -53,14 +53,16 @@ def _interpolant_weights(lam_nodes: Tensor, h: Tensor) -> Tensor:
 
         psi_j = integral_0^h e^{-(h-u)} u^j / j! du:  psi_0 = 1 - e^{-h},  psi_j = h^j / j! - psi_{j-1}
 
-    (by parts), so b solves V^T b = psi. Computed in float64: the psi_j cancel for small h.
+    (by parts), so b solves V^T b = psi. Computed in float64 on the CPU (the psi_j cancel for
+    small h, and not every accelerator has float64).
     """
-    u, h = lam_nodes.double(), h.double()
+    u, h = lam_nodes.detach().cpu().double(), h.detach().cpu().double()
     psi = [-torch.expm1(-h)]
     for j in range(1, len(u)):
         psi.append(h**j / math.factorial(j) - psi[-1])
     vandermonde = torch.stack([u**j / math.factorial(j) for j in range(len(u))], dim=1)
-    return torch.linalg.solve(vandermonde.T, torch.stack(psi)).to(lam_nodes.dtype)
+    b = torch.linalg.solve(vandermonde.T, torch.stack(psi))
+    return b.to(lam_nodes.device, lam_nodes.dtype)
 
 
 def _interpolant_step(
