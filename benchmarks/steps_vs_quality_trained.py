@@ -9,8 +9,10 @@ recall in the digits classifier's features for images), then the report app tabu
     python -m sde_diffusion.train hydra.run.dir=outputs/swiss                        # ~1 min CPU
     python benchmarks/steps_vs_quality_trained.py \\
         --ckpt outputs/swiss/checkpoints/step_00020000.safetensors --out outputs/bench_swiss
-    python -m sde_diffusion.train model=unet data=digits train=digits hydra.run.dir=outputs/digits
-    python benchmarks/steps_vs_quality_trained.py --ckpt <digits ckpt> --metric fid --samples 1000
+    python -m sde_diffusion.train model=unet data=digits train=digits model.class_cond=true \\
+        hydra.run.dir=outputs/digits                                           # ~25 min CPU
+    python benchmarks/steps_vs_quality_trained.py --ckpt <digits ckpt> --metric frechet_distance \\
+        --samples 1000 --out outputs/bench_digits
 """
 
 from __future__ import annotations
