@@ -6,9 +6,9 @@ sampling app exactly as `python -m sde_diffusion.sample model=ckpt ...` would (s
 metrics.json, figure per run: sliced W2 to held-out data for points, Fréchet distance / precision /
 recall in the digits classifier's features for images), then the report app tabulates and plots.
 
-    python -m sde_diffusion.train hydra.run.dir=outputs/swiss                        # ~1 min CPU
+    python -m sde_diffusion.train hydra.run.dir=outputs/swiss                         # ~1 min CPU
     python benchmarks/steps_vs_quality_trained.py \\
-        --ckpt outputs/swiss/checkpoints/step_00020000.safetensors --out outputs/bench_swiss
+        --ckpt outputs/swiss/checkpoints/step_00002000.safetensors --out outputs/bench_swiss
     python -m sde_diffusion.train model=unet data=digits train=digits model.class_cond=true \\
         hydra.run.dir=outputs/digits                                           # ~25 min CPU
     python benchmarks/steps_vs_quality_trained.py --ckpt <digits ckpt> --metric frechet_distance \\

@@ -187,9 +187,8 @@ class GaussianMixture:
         (the class-conditional score grad log p_t(x | y = component))."""
         r, precision, log_joint = self._moments(x, t, sde)
         evecs = self._evecs.to(x.device, x.dtype)
-        comp_scores = -torch.einsum(
-            "kdj,bkj->bkd", evecs, r * precision
-        )  # -C_k^{-1}(x - gamma mu_k)
+        # -C_k^{-1} (x - gamma mu_k), back from each eigenbasis
+        comp_scores = -torch.einsum("kdj,bkj->bkd", evecs, r * precision)
         if component is None:
             s = (torch.softmax(log_joint, dim=1)[..., None] * comp_scores).sum(1)
         else:
