@@ -19,10 +19,11 @@ generators, and every sample set is scored against the same reference set with t
 projections.
 
 Quality, three ways:
-- sliced W2 against a fresh sample of p_0 four times the size of the sample sets (so that its own
-  sampling noise counts less), with the data-vs-data value (an independent sample of p_0 of the
-  sample sets' size, scored the same way) printed as the floor. With a few thousand samples that
-  floor is about as large as a good sampler's error at NFE 10;
+- sliced W2 against a fresh sample of p_0 32 times the size of the sample sets, kept as its
+  quantiles at the sample sets' size (`SlicedW2(levels=n)`: nearly the W2 to p_0 itself, so the
+  reference adds little noise of its own), with the data-vs-data value (an independent sample of
+  p_0 of the sample sets' size, scored the same way) printed as the floor. With a few thousand
+  samples that floor is about as large as a good sampler's error at NFE 10;
 - "flow W2": sliced W2 against the exact probability-flow ODE map of the very same x_T (an
   adaptive dopri5 solve at tight tolerance, itself an exact sample of p_0). Coupled through x_T,
   it is nearly free of sampling noise and goes to zero for every deterministic sampler as it
@@ -67,7 +68,7 @@ PEERS = (
 #: defaults. The PF-ODE defaults to adaptive dopri5, whose NFE is set by tolerances, not steps.
 FIXED_BUDGET_PARAMS: dict[str, dict[str, object]] = {"ode": {"method": "rk4"}}
 METRIC, FLOW_METRIC = "sliced_w2", "flow_w2"
-REFERENCE_FACTOR = 4  # the reference sample of p_0 is this many times the sample sets' size
+REFERENCE_FACTOR = 32  # the reference sample of p_0 is this many times the sample sets' size
 #: the exact flow: dopri5 at this tolerance; first_step keeps torchdiffeq's initial-step probe
 #: inside [t_min, T] (its default guess can overshoot t = 0 on the DDPM schedule)
 FLOW_TOL, FLOW_FIRST_STEP = 1e-7, 1e-3
@@ -92,8 +93,11 @@ class Problem:
     _judges: dict[str, SlicedW2] = field(default_factory=dict, repr=False)
 
     def _judge(self, metric: str, y: Tensor) -> SlicedW2:
-        if metric not in self._judges:  # the same directions for every sample set and reference
-            self._judges[metric] = SlicedW2(y, self.projections, torch.Generator().manual_seed(7))
+        """Sliced W2 to y's quantiles at the sample sets' size: the same directions for every
+        sample set and reference."""
+        if metric not in self._judges:
+            g, n = torch.Generator().manual_seed(7), self.z.shape[0]
+            self._judges[metric] = SlicedW2(y, self.projections, g, levels=n)
         return self._judges[metric]
 
     def score(self, x: Tensor) -> dict[str, float]:

@@ -90,10 +90,22 @@ def _w2_squared_sorted(xs: Tensor, ys: Tensor) -> Tensor:
 class SlicedW2:
     """Sliced W2 to one fixed reference set y: the directions and y's sorted projections are
     computed once, so scoring many sample sets against it (a benchmark's table) costs one sort
-    of each. `SlicedW2(y, P, generator)(x)` is `sliced_wasserstein(x, y, P, generator)`."""
+    of each. `SlicedW2(y, P, generator)(x)` is `sliced_wasserstein(x, y, P, generator)`.
+
+    With `levels=n`, y is kept only as its empirical quantiles at (i - 1/2) / n, i = 1..n, and
+    sample sets of n points are scored against those: for a reference many times larger than the
+    sample sets, the W2 to y's distribution rather than to its particular draw, in the memory of
+    n points (the reference is projected `_CHUNK` directions at a time).
+    """
+
+    _CHUNK = 32
 
     def __init__(
-        self, y: Tensor, num_projections: int = 512, generator: torch.Generator | None = None
+        self,
+        y: Tensor,
+        num_projections: int = 512,
+        generator: torch.Generator | None = None,
+        levels: int | None = None,
     ):
         if int(num_projections) != num_projections or num_projections < 1:
             raise ValueError(f"num_projections must be a positive integer, got {num_projections}")
@@ -103,7 +115,22 @@ class SlicedW2:
             y.shape[1], int(num_projections), generator=generator, dtype=y.dtype, device=y.device
         )
         self.theta = theta / theta.norm(dim=0, keepdim=True)
-        self.ys = self._sorted_projections(y)
+        self.levels = levels
+        if levels is None:
+            self.ys = self._sorted_projections(y)
+            return
+        if not 1 <= levels <= y.shape[0]:
+            raise ValueError(f"levels must lie in [1, {y.shape[0]}] (the size of y), got {levels}")
+        m = y.shape[0]
+        u = (torch.arange(levels, dtype=torch.float64) + 0.5) / levels
+        index = (torch.ceil(u * m).long() - 1).to(y.device)  # F^-1(u) = y_(ceil(u m))
+        self.ys = torch.cat(
+            [
+                torch.sort(theta_c.T @ y.T, dim=1).values[:, index].T
+                for theta_c in self.theta.split(self._CHUNK, dim=1)
+            ],
+            dim=1,
+        )
 
     def _sorted_projections(self, x: Tensor) -> Tensor:
         # one projection per row: sorting contiguous rows is several times faster than columns
@@ -113,6 +140,8 @@ class SlicedW2:
         x = _flat(x, "x")
         if x.shape[1] != self.theta.shape[0]:
             raise ValueError(f"x has {x.shape[1]} features per sample, y has {self.theta.shape[0]}")
+        if self.levels is not None and x.shape[0] != self.levels:
+            raise ValueError(f"x has {x.shape[0]} samples; this reference scores {self.levels}")
         dtype = torch.promote_types(x.dtype, self.theta.dtype)
         xs = self._sorted_projections(x.to(dtype))
         return _w2_squared_sorted(xs, self.ys.to(dtype)).mean().sqrt()
