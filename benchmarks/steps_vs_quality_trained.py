@@ -5,6 +5,8 @@ what a user sees with a trained network, whose score error adds to it. Each run 
 sampling app exactly as `python -m sde_diffusion.sample model=ckpt ...` would (samples.npz,
 metrics.json, figure per run: sliced W2 to held-out data for points, Fréchet distance / precision /
 recall in the digits classifier's features for images), then the report app tabulates and plots.
+Runs whose metrics.json is already in --out are skipped, so an interrupted sweep resumes and a
+narrow one (--nfe 5 10 20) can be widened later.
 
     python -m sde_diffusion.train hydra.run.dir=outputs/swiss                         # ~1 min CPU
     python benchmarks/steps_vs_quality_trained.py \\
@@ -43,6 +45,8 @@ def main() -> None:
         p.error(f"checkpoint {args.ckpt} does not exist")
     for solver in args.solvers:
         for nfe in args.nfe:
+            if (args.out / f"{solver}_nfe{nfe}" / "metrics.json").exists():
+                continue  # done by an earlier, interrupted or narrower, run into the same --out
             # the final Tweedie step is one NFE of the budget
             steps = max(1, (nfe - 1) // EVALS_PER_STEP.get(solver, 1))
             cfg = compose_config(
