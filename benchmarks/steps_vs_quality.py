@@ -1,6 +1,6 @@
 """How many score evaluations for which quality? Every registered solver against diffusers' schedulers.
 
-    python benchmarks/steps_vs_quality.py              # the full run (about 10 minutes, 2 cores)
+    python benchmarks/steps_vs_quality.py              # the full run (7 minutes, idle 2 cores)
     python benchmarks/steps_vs_quality.py --quick      # a one-minute smoke run
 
 The data are Gaussian mixtures whose exact score (`GaussianMixture`) stands in for a perfectly
