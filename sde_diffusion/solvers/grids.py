@@ -91,7 +91,8 @@ def final_time(sde: SDE, steps: int) -> float:
     above 0). On Gaussian-ring oracles at 10 evaluations it cuts the distance to the exact flow
     of DPM-Solver++, UniPC and Heun to 0.36-0.52 of what ending at t_min gives, leaves DDIM's
     unchanged, and improves or keeps every stochastic sampler's sliced W2 (tests/
-    test_solvers_expint.py, benchmarks/steps_vs_quality.py). From 500 steps on it is t_min.
+    test_solvers_expint.py, benchmarks/steps_vs_quality.py). On VP (t_min = 1e-3) it is t_min
+    from 500 steps on.
     """
     return max(float(sde.t_min), float(sde.T) / (2 * steps + 1))
 
