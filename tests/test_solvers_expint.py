@@ -292,8 +292,8 @@ def _flow_then_tweedie_kl(sde, steps: int) -> float:
 )
 def test_default_settings_land_on_a_gaussian_target(solver, params, max_excess):
     """sample() defaults (20 steps, the solver's own grid, Tweedie at final_time) on VP: the
-    exact KL of the output to the target exceeds that of the exact flow to the same t_end (then
-    Tweedie) by less than max_excess, and 100 steps shrink that excess at least fivefold."""
+    exact KL of the output to the target differs from that of the exact flow to the same t_end
+    (then Tweedie) by less than max_excess, and 100 steps shrink that gap at least fivefold."""
     sde = VPSDE()
     target = (GAUSS.means[0], GAUSS.covs[0])
     excess = [
@@ -460,7 +460,7 @@ def test_interpolant_weights_integrate_the_lagrange_polynomial(past, with_t, h):
 
 @pytest.mark.parametrize("solver", ["dpm_solver", "unipc", "heun", "ddim"])
 def test_final_time_takes_the_last_evaluation_where_it_helps(solver):
-    """At 10 evaluations (9 steps + Tweedie) on the ring of 8, ending the default grid at
+    """With 9 steps + Tweedie (10 evaluations; heun 18) on the ring of 8, ending the grid at
     final_time = T/19 rather than t_min cuts the mean distance to the exact flow's sample
     (dopri5 at 1e-10, then Tweedie at t_min) by more than 40% for the higher-order solvers
     (measured 0.36-0.52 of it) and leaves first-order DDIM where it was (measured 1.00)."""
