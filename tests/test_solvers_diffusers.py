@@ -149,7 +149,7 @@ def test_dpm_solver_2m_matches_diffusers(dpm_float64, steps):
 
 def test_dpm_solver_3m_differs_from_diffusers_only_in_the_second_difference(dpm_float64):
     """diffusers' 3M weighs its second divided difference D2 ~ h^2 x0''/2 with the coefficient
-    of h^2 x0'' (see dpm_solver._multistep_update), so its 3M steps differ from ours by exactly
+    of h^2 x0'' (see expint._interpolant_step), so its 3M steps differ from ours by exactly
     gamma_t phi_3 D2: adding that to each of its 3M steps reproduces our sampler."""
     ours = _ours(
         _dpm_scheduler(20, order=3), _x_T(), "dpm_solver", order=3, lower_order_final=False

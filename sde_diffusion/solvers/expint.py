@@ -44,25 +44,24 @@ def _first_order(
     return (sig_t / sig_s) * x - (gam_t * torch.expm1(-h)) * m
 
 
-def _interpolant_weights(lam_nodes: Tensor, h: Tensor) -> Tensor:
+def _interpolant_weights(offsets: Tensor, h: Tensor) -> list[float]:
     """Weights b with integral_0^h e^{-(h-u)} P(lambda_s + u) du = sum_i b_i m_i, where P is the
-    polynomial through (lam_nodes[i], m_i) and lam_nodes are offsets from lambda_s (one is 0).
+    polynomial through (lambda_s + offsets[i], m_i) (one offset is 0); offsets and h are float64
+    on the host.
 
     Writing P(lambda_s + u) = sum_j c_j u^j / j! (c_j = P's j-th derivative at lambda_s, V c = m
     with the Vandermonde matrix V_ij = u_i^j / j!), the integral is sum_j psi_j c_j with
 
         psi_j = integral_0^h e^{-(h-u)} u^j / j! du:  psi_0 = 1 - e^{-h},  psi_j = h^j / j! - psi_{j-1}
 
-    (by parts), so b solves V^T b = psi. Computed in float64 on the CPU (the psi_j cancel for
-    small h, and not every accelerator has float64).
+    (by parts), so b solves V^T b = psi. Float64 because the psi_j cancel for small h; on the
+    host, from a grid converted once per run, so no step waits on the device.
     """
-    u, h = lam_nodes.detach().cpu().double(), h.detach().cpu().double()
     psi = [-torch.expm1(-h)]
-    for j in range(1, len(u)):
+    for j in range(1, len(offsets)):
         psi.append(h**j / math.factorial(j) - psi[-1])
-    vandermonde = torch.stack([u**j / math.factorial(j) for j in range(len(u))], dim=1)
-    b = torch.linalg.solve(vandermonde.T, torch.stack(psi))
-    return b.to(lam_nodes.device, lam_nodes.dtype)
+    vandermonde = torch.stack([offsets**j / math.factorial(j) for j in range(len(offsets))], 1)
+    return torch.linalg.solve(vandermonde.T, torch.stack(psi)).tolist()
 
 
 def _interpolant_step(
@@ -76,23 +75,12 @@ def _interpolant_step(
     gam_t: Tensor,
 ) -> Tensor:
     """From s to t, integrating exactly the polynomial in lambda through the x0 predictions m at
-    log-SNRs lam (an exponential Adams method, of order len(m)):
+    log-SNRs lam (host float64; an exponential Adams method, of order len(m)):
 
         x_t = (sigma_t / sigma_s) x_s + gamma_t integral_0^h e^{-(h-u)} P(lambda_s + u) du.
-    """
-    b = _interpolant_weights(lam - lam_s, lam_t - lam_s)
-    return (sig_t / sig_s) * x + gam_t * sum(b_i * m_i for b_i, m_i in zip(b, m, strict=True))
 
-
-def _multistep_update(
-    x: Tensor, m: list[Tensor], lam: Tensor, sig_s: Tensor, sig_t: Tensor, gam_t: Tensor
-) -> Tensor:
-    """One multistep update of order k = len(m) from t_{i-1} to t_i.
-
-    m = [x0 at t_{i-k}, ..., x0 at t_{i-1}] (newest last), lam = lambda at [t_{i-k}, ..., t_i].
-    Order 2 is Algorithm 2 of the paper (2M): D = (1 + 1/(2 r)) m_{i-1} - 1/(2 r) m_{i-2},
-    r = h_{i-1} / h_i. Order 3 (3M) integrates the quadratic through the last three x0 in lambda
-    exactly (`_interpolant_step`): with D1 ~ h x0' and D2 ~ h^2 x0'' from divided differences,
+    Through the last three x0 this is DPM-Solver++(3M); in divided differences D1 ~ h x0' and
+    D2 ~ h^2 x0'' it reads
 
         x_t = (sigma_t/sigma_s) x_s - gamma_t phi_1 m + gamma_t phi_2 D1 - gamma_t phi_3 D2,
         phi_1 = e^{-h} - 1,  phi_2 = phi_1/h + 1,  phi_3 = phi_2/h - 1/2,
@@ -103,9 +91,20 @@ def _multistep_update(
     grids of 20-160 steps, where this one gives 3.0; tests/test_solvers_diffusers.py pins that
     the two differ by that term alone).
     """
+    b = _interpolant_weights(lam - lam_s, lam_t - lam_s)
+    return (sig_t / sig_s) * x + gam_t * sum(b_i * m_i for b_i, m_i in zip(b, m, strict=True))
+
+
+def _multistep_update(
+    x: Tensor, m: list[Tensor], lam: Tensor, sig_s: Tensor, sig_t: Tensor, gam_t: Tensor
+) -> Tensor:
+    """One multistep update of order k = len(m) <= 2 from t_{i-1} to t_i, as in the paper.
+
+    m = [x0 at t_{i-k}, ..., x0 at t_{i-1}] (newest last), lam = lambda at [t_{i-k}, ..., t_i].
+    Order 1 is DDIM; order 2 is Algorithm 2 (2M): D = (1 + 1/(2 r)) m_{i-1} - 1/(2 r) m_{i-2},
+    r = h_{i-1} / h_i. Higher orders go through `_interpolant_step`.
+    """
     h = lam[-1] - lam[-2]
-    if len(m) > 2:
-        return _interpolant_step(x, m, lam[:-1], lam[-2], lam[-1], sig_s, sig_t, gam_t)
     x_t = _first_order(x, m[-1], sig_s, sig_t, gam_t, h)
     if len(m) == 1:
         return x_t
@@ -163,31 +162,40 @@ def _multistep(
     """
     n = len(ts) - 1
     lam = sde.log_snr(ts)
+    lam_host = sde.log_snr(ts.detach().cpu().double())  # for `_interpolant_weights`
     gamma, sigma = sde.marginal(ts)
     history: list[Tensor] = []
     x_prev, k = x, 0
+
+    def adams(x_s: Tensor, nodes: list[Tensor], first: int, s: int) -> Tensor:
+        """`_interpolant_step` from ts[s] to ts[s + 1] through x0 at ts[first:first + len]."""
+        lam_nodes = lam_host[first : first + len(nodes)]
+        return _interpolant_step(
+            x_s,
+            nodes,
+            lam_nodes,
+            lam_host[s],
+            lam_host[s + 1],
+            sigma[s],
+            sigma[s + 1],
+            gamma[s + 1],
+        )
+
     for i, (t_prev, t) in steps(ts):
         m = _data_prediction(score_fn, sde, x, t_prev)
         if corrector and i > 0:
-            nodes = [*history[-k:], m]
-            x = _interpolant_step(
-                x_prev,
-                nodes,
-                lam[i - k : i + 1],
-                lam[i - 1],
-                lam[i],
-                sigma[i - 1],
-                sigma[i],
-                gamma[i],
-            )
+            x = adams(x_prev, [*history[-k:], m], i - k, i - 1)
         history = [*history, m][-order:]
         k = min(order, i + 1)
         if lower_order_final and n < LOWER_ORDER_FINAL_BELOW:
             k = min(k, n - i)
         x_prev = x
-        x = _multistep_update(
-            x, history[-k:], lam[i - k + 1 : i + 2], sigma[i], sigma[i + 1], gamma[i + 1]
-        )
+        if k > 2:
+            x = adams(x, history[-k:], i - k + 1, i)
+        else:
+            x = _multistep_update(
+                x, history[-k:], lam[i - k + 1 : i + 2], sigma[i], sigma[i + 1], gamma[i + 1]
+            )
         if callback is not None:
             callback(i, t, x)
     return x
@@ -212,7 +220,7 @@ def dpm_solver_pp(
     points; the first steps warm up with orders 1, 2, ... With `lower_order_final`, grids of
     fewer than 15 steps finish with lower orders, min(order, steps left), which stabilises very
     few steps (diffusers' threshold; the reference implementation uses 10). 3M weighs its second
-    divided difference by the Taylor coefficient (see `_multistep_update`), so it is third order
+    divided difference by the Taylor coefficient (see `_interpolant_step`), so it is third order
     where the reference's and diffusers' 3M are second order.
     method="singlestep" (2S, 3S): `order` evaluations per step at intermediate log-SNRs.
     order=1 is DDIM (eta = 0) in either method. NFE: steps (multistep) or order * steps.
