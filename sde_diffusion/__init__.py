@@ -26,7 +26,7 @@ from .sde import (
     SubVPSDE,
     get_sde,
 )
-from .solvers import SOLVERS, SampleResult, sample, time_grid
+from .solvers import SOLVERS, SampleResult, sample, time_grid, tune_grid
 from .trainer import TrainConfig, Trainer, load_model, load_score_fn
 
 __version__ = "0.1.0"
@@ -60,5 +60,6 @@ __all__ = [
     "sample",
     "sde_from_scheduler_config",
     "time_grid",
+    "tune_grid",
     "tweedie_x0",
 ]

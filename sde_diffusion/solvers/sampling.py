@@ -1,0 +1,121 @@
+"""`sample()`: any registered solver by name over a resolved grid, with the NFE counted, the
+score's output checked, the final Tweedie step and a progress bar."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .._tensor import check_finite, is_finite
+from ..parametrize import tweedie_x0
+from ..sde import SDE, ScoreFn
+from ._registry import SolverSpec, generator_noise, get_solver, per_sample_noise
+from .grids import resolve_grid
+
+__all__ = ["SampleResult", "sample"]
+
+
+@dataclass
+class SampleResult:
+    """What `sample(..., return_info=True)` returns."""
+
+    samples: Tensor
+    nfe: int
+    ts: Tensor
+    trajectory: list[Tensor] = field(default_factory=list)
+
+
+class _CountedScore:
+    """Wraps score_fn: counts every call (the NFE) and checks what comes back."""
+
+    def __init__(self, score_fn: ScoreFn):
+        self.score_fn, self.nfe, self.step = score_fn, 0, 0
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        self.nfe += 1
+        out = self.score_fn(x, t)
+        if not isinstance(out, Tensor) or out.shape != x.shape:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"score_fn returned {shape} for x of shape {tuple(x.shape)} at {self._where(t)}"
+            )
+        if out.device.type == "cpu" and not is_finite(out):
+            raise ValueError(f"score_fn output at {self._where(t)} contains NaN or inf")
+        return out
+
+    def _where(self, t: Tensor) -> str:
+        return f"step {self.step} (t={t.reshape(-1)[0].item()})"
+
+
+def sample(
+    score_fn: ScoreFn,
+    sde: SDE,
+    shape_or_x_T: Sequence[int] | Tensor,
+    solver: str | SolverSpec = "dpm_solver",
+    steps: int = 20,
+    grid: str | Tensor | None = None,
+    t_end: float | None = None,
+    denoise: bool = True,
+    generator: torch.Generator | None = None,
+    seeds: Sequence[int] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+    return_info: bool = False,
+    return_trajectory: bool = False,
+    **solver_params: object,
+) -> Tensor | SampleResult:
+    """Draw samples by integrating the reverse process from T down to t_end with `solver`.
+
+    shape_or_x_T: the batch shape (x_T is drawn from the SDE's prior) or x_T itself.
+    solver: a registered name (see SOLVERS) or a SolverSpec; solver_params go to it by name.
+    steps / grid: `steps` intervals of the grid kind `grid` (default: the solver's own), or
+        `grid` as an explicit strictly decreasing tensor of times (then `steps` is ignored).
+    t_end: where the grid stops. Default: sde.t_min, or with `denoise` (solvers whose grid sets
+        their evaluations, all but the adaptive `ode`) `grids.final_time`: T / (2 steps + 1)
+        while that is above t_min, so that the Tweedie jump to t = 0 is half a grid step.
+    denoise: finish with the Tweedie step x0 = (x + sigma^2 s(x, t_end)) / gamma (one more NFE).
+    generator / seeds: noise from one generator for the batch, or per-sample seeds so that each
+        sample's trajectory depends on its own seed only.
+    return_info: return a SampleResult with the NFE (counted, never computed), the grid and,
+        with return_trajectory, the state after every step.
+    """
+    spec = get_solver(solver) if isinstance(solver, str) else solver
+    ts = resolve_grid(sde, grid, steps, spec.default_grid, t_end, denoise and spec.grid_sets_nfe)
+    noise = per_sample_noise(seeds) if seeds is not None else generator_noise(generator)
+    if isinstance(shape_or_x_T, Tensor):
+        x = shape_or_x_T
+        check_finite(x, "x_T")
+    else:
+        shape = tuple(int(n) for n in shape_or_x_T)
+        if seeds is not None and len(seeds) != shape[0]:
+            raise ValueError(f"got {len(seeds)} seeds for a batch of {shape[0]}")
+        like = torch.empty(shape, device=device, dtype=dtype or torch.get_default_dtype())
+        x = sde.prior_std() * noise(like)
+    counted = _CountedScore(score_fn)
+    trajectory: list[Tensor] = [x] if return_trajectory else []
+    bar = tqdm(total=len(ts) - 1, desc=spec.name, disable=not progress, leave=False)
+
+    def callback(i: int, t: Tensor, x_next: Tensor) -> None:
+        counted.step = i + 1
+        bar.update(1)
+        if return_trajectory:
+            trajectory.append(x_next)
+
+    params = dict(solver_params, callback=callback)
+    if spec.stochastic:
+        params["noise"] = noise
+    with bar:
+        x = spec.fn(counted, sde, x, ts.to(x.device, x.dtype), **params)
+    if denoise:
+        t = ts[-1].to(x.device, x.dtype).expand(x.shape[0])
+        x = tweedie_x0(x, t, counted(x, t), sde)
+        if return_trajectory:
+            trajectory.append(x)
+    if not return_info:
+        return x
+    return SampleResult(samples=x, nfe=counted.nfe, ts=ts, trajectory=trajectory)

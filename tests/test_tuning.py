@@ -1,0 +1,101 @@
+"""tune_grid: a grid fitted on pilot draws must beat the default grid on independent draws,
+against the exact flow of the Gaussian-mixture oracle; its parametrisation gives a valid grid
+for every parameter and reproduces the start grid; its bookkeeping (errors, NFE) adds up."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sde_diffusion import GaussianMixture, get_sde, sample, tune_grid
+from sde_diffusion.solvers import tunable_solvers
+from sde_diffusion.solvers.grids import resolve_grid
+from sde_diffusion.solvers.tuning import _fractions_to_grid
+
+RING = GaussianMixture.ring(k=8, radius=4.0, std=0.5)
+
+
+def _draws(sde, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return sde.prior_std() * torch.randn(n, 2, generator=g, dtype=torch.float64)
+
+
+def _rms(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((x - y).pow(2).sum(1).mean().sqrt())
+
+
+@pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
+def test_tuned_grid_halves_the_error_to_the_exact_flow_on_fresh_draws(name):
+    """Tuned on 256 pilot draws, UniPC at 10 NFE lands at most half as far from the exact flow
+    of 1000 other draws as on its default grid (measured 0.21-0.33)."""
+    sde = get_sde(name)
+    score = RING.score_fn(sde)
+    x_T = _draws(sde, 1000, seed=0)
+    flow = sample(score, sde, x_T, "ode", 1, rtol=1e-7, atol=1e-7)
+    g = torch.Generator().manual_seed(1)
+    tuned = tune_grid(score, sde, "unipc", 9, (256, 2), trials=150, generator=g, dtype=x_T.dtype)
+    default = _rms(sample(score, sde, x_T, "unipc", 9), flow)
+    assert _rms(sample(score, sde, x_T, "unipc", grid=tuned.ts), flow) <= 0.5 * default
+
+
+def test_bookkeeping_initial_error_is_the_default_grid_and_nfe_adds_up():
+    """initial_error is the default grid's error recomputed independently through `sample`;
+    the tuned error is below it; NFE = trials x (steps + 1) when the reference is given."""
+    sde = get_sde("vp")
+    score = RING.score_fn(sde)
+    pilot = _draws(sde, 64, seed=2)
+    reference = sample(score, sde, pilot, "ode", 1, rtol=1e-7, atol=1e-7)
+    tuned = tune_grid(score, sde, "dpm_solver", 5, pilot, trials=40, reference=reference)
+    default = sample(score, sde, pilot, "dpm_solver", 5)
+    assert tuned.initial_error == pytest.approx(_rms(default, reference) ** 2, rel=1e-9)
+    assert tuned.error < tuned.initial_error
+    assert tuned.trials == 40 and tuned.nfe == 40 * 6
+    assert tuned.ts.dtype == torch.float64 and len(tuned.ts) == 6
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(-8, 8), min_size=1, max_size=30), st.sampled_from(["vp", "ve"]))
+def test_every_parameter_gives_a_valid_grid(theta, name):
+    """Strictly decreasing, T first, every time above t_min, steps + 1 points."""
+    sde = get_sde(name)
+    lam_T, lam_max = (float(v) for v in sde.log_snr(torch.tensor([sde.T, sde.t_min])))
+    ts = _fractions_to_grid(np.array(theta), lam_T, lam_max, sde)
+    assert len(ts) == len(theta) + 1 and ts[0] == sde.T
+    assert bool((ts[1:] < ts[:-1]).all()) and bool((ts > sde.t_min).all())
+
+
+@pytest.mark.parametrize("solver", ["unipc", "dpm_solver"])
+def test_the_search_starts_from_the_solver_default_grid(solver):
+    """With one trial nothing moves: the grid is the default one (ending at final_time)."""
+    sde = get_sde("vp")
+    score = RING.score_fn(sde)
+    pilot = _draws(sde, 8, seed=3)
+    tuned = tune_grid(score, sde, solver, 7, pilot, trials=1, reference=pilot)
+    start = resolve_grid(sde, None, 7, "log_snr", denoise=True)
+    torch.testing.assert_close(tuned.ts, start, rtol=1e-9, atol=1e-12)
+
+
+def test_bad_input_names_the_problem():
+    sde = get_sde("vp")
+    score = RING.score_fn(sde)
+    with pytest.raises(ValueError, match=r"valid choices .*dpm_solver, unipc"):
+        tune_grid(score, sde, "euler_maruyama", 5)
+    with pytest.raises(ValueError, match="positive integers"):
+        tune_grid(score, sde, "unipc", 0)
+    with pytest.raises(ValueError, match="reference has shape"):
+        tune_grid(score, sde, "unipc", 3, (8, 2), reference=torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="pilot"):
+        tune_grid(score, sde, "unipc", 3, torch.full((4, 2), float("nan")))
+    assert set(tunable_solvers()) == {"dpm_solver", "unipc"}
+
+
+def test_float32_pilot_tunes_and_returns_a_float64_grid():
+    sde = get_sde("vp")
+    score = RING.score_fn(sde)
+    g = torch.Generator().manual_seed(4)
+    tuned = tune_grid(score, sde, "unipc", 4, (64, 2), trials=30, generator=g, dtype=torch.float32)
+    assert tuned.ts.dtype == torch.float64 and np.isfinite(tuned.error)
+    assert tuned.error < tuned.initial_error
