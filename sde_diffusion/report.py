@@ -9,6 +9,9 @@ A sweep directory is Hydra's multirun layout: one subdirectory per run, each hol
      "num_samples": int, "status": "ok" | "invalid" | "error", "error": str | null,
      "wall_time_s": float, "metrics": {name: float}}
 
+and optionally "grid" (a non-default time grid, e.g. "tuned"), which the tables and the plot
+append to the solver's name.
+
 Runs whose combination makes no sense ("invalid", e.g. ddpm on VE) or that failed ("error") stay
 in the CSV and the tables, marked as such; only the plot leaves them out, having no value.
 The functions work on plain dicts of that schema, so benchmarks reuse them on their own records.
@@ -84,6 +87,8 @@ def load_run(path: Path | str) -> Record:
     bad = {k: v for k, v in record["metrics"].items() if not isinstance(v, int | float)}
     if bad:
         raise ValueError(f"{path}: metric values must be numbers, got {bad}")
+    if record.get("grid"):  # a sweep over grids keeps one row per solver and grid
+        record["solver"] = f"{record['solver']} grid={record['grid']}"
     record["run"] = path.parent.name
     return record
 

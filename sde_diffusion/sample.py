@@ -10,10 +10,16 @@ figure (a scatter plot for 2-D data, an image grid for images).
     python -m sde_diffusion.sample model=ckpt ckpt=... guidance.label=3 guidance.scale=1
     python -m sde_diffusion.sample model=ckpt ckpt=... guidance.label=3 guidance.scale=4 \\
         guidance.kind=classifier guidance.classifier=noisy_classifier.safetensors
+    python -m sde_diffusion.sample model=oracle solver=unipc steps=9 solver.grid=tuned
+    python -m sde_diffusion.sample model=oracle solver=unipc solver.grid=<run dir>/grid.json seed=1
     python -m sde_diffusion.sample -m model=oracle sde=vp,subvp,ve \\
         solver=euler_maruyama,pc,ode,ddpm,ddim,dpm_solver,heun steps=5,10,20,50,100,250,1000
 
-A solver that is not defined for the SDE (ddpm on VE) is recorded with status "invalid" and the
+`solver.grid=tuned` fits the grid to the model first (`solvers.tune_grid` on `tune.pilot` prior
+draws, `tune.trials` trial grids) and writes it to grid.json; `solver.grid=<grid.json>` reuses it.
+
+A solver that is not defined for the SDE (ddpm on VE), or a grid tuned for a stochastic solver, is
+recorded with status "invalid" and the
 reason, and a run that fails is recorded with status "error": a sweep reports them and goes on.
 """
 
@@ -48,7 +54,8 @@ from .guidance import MASKS, cfg_score_fn, classifier_guided_score_fn, inpaint, 
 from .metrics import image_metrics, oracle_metrics, sliced_wasserstein
 from .parametrize import model_score_fn
 from .sde import SDE, ScoreFn
-from .solvers import IncompatibleSDEError, get_solver, sample
+from .solvers import GRIDS, IncompatibleSDEError, get_solver, sample, tune_grid
+from .solvers.tuning import UntunableSolverError
 from .trainer import load_model, resolve_device
 
 MODELS = ("oracle", "ckpt")
@@ -58,11 +65,37 @@ __all__ = ["GUIDANCE_KINDS", "GuidanceConfig", "SampleAppConfig", "SolverConfig"
 
 @dataclass
 class SolverConfig:
-    """A registered solver, its time grid (None: the solver's own) and its parameters."""
+    """A registered solver, its time grid and its parameters.
+
+    grid: None (the solver's own kind), a kind of GRIDS, "tuned" (fitted to the model before
+    sampling, see TuneConfig) or the path of a grid.json that a tuned run wrote.
+    """
 
     name: str = "dpm_solver"
     grid: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.grid in (None, "tuned", *GRIDS) or Path(self.grid).is_file():
+            return
+        raise ValueError(
+            f"unknown solver.grid {self.grid!r}; valid choices: {', '.join(GRIDS)}, tuned, or the "
+            f"path of an existing grid.json"
+        )
+
+
+@dataclass
+class TuneConfig:
+    """`solver.grid=tuned`: `trials` trial grids on `pilot` prior draws (seeded by `seed`,
+    apart from the sampling noise) against their exact probability flow."""
+
+    pilot: int = 256
+    trials: int = 300
+    seed: int = 7919
+
+    def __post_init__(self) -> None:
+        if self.pilot < 1 or self.trials < 1:
+            raise ValueError(f"tune.pilot and tune.trials must be >= 1, got {self}")
 
 
 GUIDANCE_KINDS = ("cfg", "classifier")
@@ -127,6 +160,7 @@ class SampleAppConfig:
     ckpt: str | None = None
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     inpaint: InpaintConfig = field(default_factory=InpaintConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     steps: int = 20
     num_samples: int = 2000
     batch_size: int = 4096
@@ -290,6 +324,44 @@ def _metrics(x: torch.Tensor, target: Target, generator: torch.Generator) -> dic
     return {"sliced_w2": float(sliced_wasserstein(x, ref, generator=generator))}
 
 
+def _grid(
+    cfg: SampleAppConfig, target: Target, device: torch.device, dtype: torch.dtype, out: Path
+) -> tuple[str | torch.Tensor | None, dict[str, Any] | None]:
+    """The grid to sample on and, for a tuned one, what tuning found and cost (also written,
+    with the grid, to out/grid.json for later runs)."""
+    grid = cfg.solver.grid
+    if grid not in (None, "tuned", *GRIDS):
+        return torch.tensor(json.loads(Path(grid).read_text())["ts"], dtype=torch.float64), None
+    if grid != "tuned":
+        return grid, None
+    start = time.perf_counter()
+    fit = tune_grid(
+        target.score_fn,
+        target.sde,
+        cfg.solver.name,
+        cfg.steps,
+        (cfg.tune.pilot, *target.data_shape),
+        trials=cfg.tune.trials,
+        generator=torch.Generator(device).manual_seed(cfg.tune.seed),
+        device=device,
+        dtype=dtype,
+        progress=sys.stderr.isatty(),
+        **cfg.solver.params,
+    )
+    info = {
+        "solver": cfg.solver.name,
+        "steps": cfg.steps,
+        "pilot": cfg.tune.pilot,
+        "trials": fit.trials,
+        "nfe": fit.nfe,
+        "seconds": time.perf_counter() - start,
+        "error": fit.error,
+        "initial_error": fit.initial_error,
+    }
+    (out / "grid.json").write_text(json.dumps({**info, "ts": fit.ts.tolist()}, indent=2))
+    return fit.ts, info
+
+
 def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     """Sample, measure and write samples.npz, metrics.json and a figure into out_dir."""
     obj: SampleAppConfig = OmegaConf.to_object(cfg)  # the dataclasses check their values
@@ -314,13 +386,16 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     }
     start = time.perf_counter()
     try:
+        grid, record["tuning"] = _grid(obj, target, device, dtype, out)
+        if isinstance(grid, torch.Tensor):
+            record["steps"] = len(grid) - 1
         chunks, nfe = [], 0
         for b, first in enumerate(range(0, obj.num_samples, obj.batch_size)):
             n = min(obj.batch_size, obj.num_samples - first)
             generator = torch.Generator(device).manual_seed(obj.seed * 100_003 + b)
             common = dict(
                 steps=obj.steps,
-                grid=obj.solver.grid,
+                grid=grid,
                 t_end=obj.t_end,
                 denoise=obj.denoise,
                 generator=generator,
@@ -353,7 +428,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         ref = target.reference if target.oracle is None else target.oracle.sample(len(x))
         figure = save_sample_figure(ref, x, out / "samples.png", title=_title(record))
         print(f"figure: {figure}")
-    except IncompatibleSDEError as e:
+    except (IncompatibleSDEError, UntunableSolverError) as e:
         record.update(status="invalid", error=str(e))
     except Exception as e:  # a sweep records the failure and goes on; the trace goes to stderr
         traceback.print_exc()

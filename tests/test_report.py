@@ -119,3 +119,13 @@ def test_missing_keys_and_empty_dirs(tmp_path):
         report.load_sweep(tmp_path / "empty")
     with pytest.raises(ValueError, match="does not exist"):
         report.load_sweep(tmp_path / "nowhere")
+
+
+def test_a_non_default_grid_gets_its_own_row(tmp_path):
+    """Runs of one solver on its own grid and on a tuned one are two rows, not one mean."""
+    sweep = _write_sweep(tmp_path / "sweep")
+    path = sweep / "1" / "metrics.json"
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "steps": 10, "grid": "tuned"}))
+    table = report.markdown_table(report.load_sweep(sweep), "sliced_w2")
+    assert "| ddim | 0.25 (11) |" in table and "| ddim grid=tuned | 0.05 (101) |" in table

@@ -48,6 +48,26 @@ def test_oracle_guidance_samples_the_chosen_component(tmp_path):
     assert record["status"] == "ok" and np.mean(np.abs(angle - 135) < 22.5) > 0.99
 
 
+def test_tuned_grid_is_fitted_written_and_reused(tmp_path):
+    """solver.grid=tuned fits the grid (its cost and pilot errors in metrics.json), writes
+    grid.json, and a run on that file samples the very same grid: same samples."""
+    tuned = ["solver=unipc", "steps=6", "solver.grid=tuned", "tune.pilot=64", "tune.trials=40"]
+    record = _run(tmp_path / "tuned", *tuned)
+    assert record["status"] == "ok" and record["nfe"] == 7 and record["grid"] == "tuned"
+    info = record["tuning"]
+    assert info["trials"] == 40 and info["nfe"] > 40 * 7 and info["error"] < info["initial_error"]
+    grid_file = tmp_path / "tuned" / "grid.json"
+    assert len(json.loads(grid_file.read_text())["ts"]) == 7
+    again = _run(tmp_path / "again", "solver=unipc", f"solver.grid={grid_file}")
+    assert again["steps"] == 6 and again["nfe"] == 7 and again["tuning"] is None
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "again" / "samples.npz")["samples"],
+        np.load(tmp_path / "tuned" / "samples.npz")["samples"],
+    )
+    stochastic = _run(tmp_path / "em", "solver=euler_maruyama", "solver.grid=tuned")
+    assert stochastic["status"] == "invalid" and "dpm_solver, unipc" in stochastic["error"]
+
+
 def _tiny_checkpoint(out_dir, data, n):
     """A checkpoint of a tiny MLP trained for 6 steps on `data` (n samples)."""
     cfg = train.compose_config(
@@ -77,6 +97,8 @@ def test_checkpoint_run(tmp_path):
         (["dtype=float16"], "valid choices: float32, float64"),
         (["model.kind=moons"], "valid choices: ring, gaussian, random"),
         (["guidance.label=9"], r"guidance.label must lie in \[0, 7\]"),
+        (["solver.grid=squares"], "valid choices: uniform, log_snr, edm, quadratic, tuned, or"),
+        (["tune.trials=0"], "tune.pilot and tune.trials must be >= 1"),
     ],
 )
 def test_bad_config_fails_clearly(tmp_path, overrides, match):

@@ -58,8 +58,24 @@ def test_quick_subset_runs_end_to_end(tmp_path, capsys):
     # euler_maruyama: 4 steps + the final denoise = 5 NFE; rk4 ode: 1 step (4 NFE) + denoise
     assert "| ours: euler_maruyama | " in md and "(5) |" in md
     assert "| ours: ode | " in md
-    assert "NFE 20 (sliced_w2): ours" in out and "NFE 10 (flow_w2): not measured" in out
+    assert "NFE 20 (sliced_w2, default grids): ours" in out
+    assert "NFE 10 (flow_w2): not measured" in out
     assert (tmp_path / "steps_vs_quality.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tuned_rows_spend_their_budget_on_a_grid_fitted_off_the_benchmark_draws():
+    """Budget b runs b - 1 steps on the tuned grid (NFE b with the Tweedie step); the grid is
+    fitted once per problem and step count, and logged with its cost."""
+    problem = bench.make_problem(2, 64, projections=4, flow_tol=None)
+    log: dict = {}
+    method = bench.tuned("unipc", log)
+    steps = bench.steps_for_budget(method, 5, problem, {})
+    _, nfe = method.run(problem, steps, 0)
+    method.run(problem, steps, 1)
+    assert (steps, nfe) == (4, 5) and list(log) == [(problem.name, 4)]
+    fit, seconds = log[problem.name, 4]
+    assert fit.trials == bench.TRIALS and fit.error < fit.initial_error and seconds > 0
+    assert "unipc 5 NFE:" in bench.tuning_note(problem, {"unipc": log})
 
 
 @pytest.mark.slow

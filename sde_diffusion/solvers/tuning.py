@@ -33,7 +33,11 @@ from .sampling import sample
 #: the reference flow of the pilot: dopri5 at this relative and absolute tolerance
 REFERENCE_TOL = 1e-5
 
-__all__ = ["TunedGrid", "tunable_solvers", "tune_grid"]
+__all__ = ["TunedGrid", "UntunableSolverError", "tunable_solvers", "tune_grid"]
+
+
+class UntunableSolverError(ValueError):
+    """A grid asked to be tuned for a solver that has no flow to be brought close to."""
 
 
 def tunable_solvers() -> tuple[str, ...]:
@@ -99,7 +103,7 @@ def tune_grid(
     can be tuned (`tunable_solvers()`): a stochastic one has no flow to be brought close to.
     """
     if solver not in tunable_solvers():
-        raise ValueError(
+        raise UntunableSolverError(
             f"cannot tune a grid for solver {solver!r}; valid choices (deterministic, stepping "
             f"on the grid): {', '.join(tunable_solvers())}"
         )
