@@ -6,7 +6,9 @@ sampling app exactly as `python -m sde_diffusion.sample model=ckpt ...` would (s
 metrics.json, figure per run: sliced W2 to held-out data for points, Fréchet distance / precision /
 recall in the digits classifier's features for images), then the report app tabulates and plots.
 Runs whose metrics.json is already in --out are skipped, so an interrupted sweep resumes and a
-narrow one (--nfe 5 10 20) can be widened later.
+narrow one (--nfe 5 10 20) can be widened later. `--tuned unipc` adds that solver on grids fitted
+to the checkpoint (`solver.grid=tuned`, at NFE <= 20, pilot of --pilot prior draws; the fit's cost
+is in each run's metrics.json).
 
     python -m sde_diffusion.train hydra.run.dir=outputs/swiss                         # ~1 min CPU
     python benchmarks/steps_vs_quality_trained.py \\
@@ -30,6 +32,7 @@ from sde_diffusion.solvers import SOLVERS
 NFE = (5, 10, 20, 50, 100, 250, 1000)
 #: score evaluations per step, to match budgets (heun: 2 per step but 1 on the last; pc: 2)
 EVALS_PER_STEP = {"heun": 2, "pc": 2}
+TUNED_NFE = 20  # tuned grids at budgets up to this one
 
 
 def main() -> None:
@@ -40,26 +43,22 @@ def main() -> None:
     p.add_argument("--nfe", nargs="*", type=int, default=list(NFE))
     p.add_argument("--samples", type=int, default=2000)
     p.add_argument("--metric", default="sliced_w2")
+    p.add_argument("--tuned", nargs="*", default=[], help="solvers to run on tuned grids too")
+    p.add_argument("--pilot", type=int, default=256, help="prior draws a tuned grid is fitted on")
     args = p.parse_args()
     if not Path(args.ckpt).is_file():
         p.error(f"checkpoint {args.ckpt} does not exist")
-    for solver in args.solvers:
-        for nfe in args.nfe:
-            if (args.out / f"{solver}_nfe{nfe}" / "metrics.json").exists():
-                continue  # done by an earlier, interrupted or narrower, run into the same --out
-            # the final Tweedie step is one NFE of the budget
-            steps = max(1, (nfe - 1) // EVALS_PER_STEP.get(solver, 1))
-            cfg = compose_config(
-                "sample",
-                [
-                    "model=ckpt",
-                    f"ckpt={args.ckpt}",
-                    f"solver={solver}",
-                    f"steps={steps}",
-                    f"num_samples={args.samples}",
-                ],
-            )
-            run(cfg, args.out / f"{solver}_nfe{nfe}")
+    runs = [(solver, nfe, "", []) for solver in args.solvers for nfe in args.nfe]
+    tuned = ["solver.grid=tuned", f"tune.pilot={args.pilot}"]
+    runs += [(s, n, "_tuned", tuned) for s in args.tuned for n in args.nfe if n <= TUNED_NFE]
+    for solver, nfe, suffix, extra in runs:
+        out = args.out / f"{solver}{suffix}_nfe{nfe}"
+        if (out / "metrics.json").exists():
+            continue  # done by an earlier, interrupted or narrower, run into the same --out
+        # the final Tweedie step is one NFE of the budget
+        steps = max(1, (nfe - 1) // EVALS_PER_STEP.get(solver, 1))
+        common = ["model=ckpt", f"ckpt={args.ckpt}", f"solver={solver}", f"steps={steps}"]
+        run(compose_config("sample", [*common, f"num_samples={args.samples}", *extra]), out)
     report.main([str(args.out), "--metric", args.metric])
 
 
