@@ -1,6 +1,6 @@
 """How many score evaluations for which quality? Every registered solver against diffusers' schedulers.
 
-    python benchmarks/steps_vs_quality.py              # the full run (7 minutes, idle 2 cores)
+    python benchmarks/steps_vs_quality.py              # the full run (8 minutes, 2 cores)
     python benchmarks/steps_vs_quality.py --quick      # a one-minute smoke run
 
 The data are Gaussian mixtures whose exact score (`GaussianMixture`) stands in for a perfectly
@@ -10,7 +10,10 @@ the oracle's exact eps at t = (k + 1) / 1000. Our solvers reach it through `mode
 time_input="index")`, which maps t back to k = 1000 t - 1, so both sides call the very same
 function. Peers are diffusers' DDPM, DDIM, DPM-Solver++ (multistep), UniPC, Euler and Heun
 schedulers on the same betas, with clip_sample and thresholding off and "trailing" timesteps
-(every timestep an integer, the first one 999, as Lin et al. 2024 recommend).
+(every timestep an integer, the first one 999, as Lin et al. 2024 recommend). UniPC and
+DPM-Solver++ also run on grids fitted by `tune_grid` at the budgets TUNED_BUDGETS, on pilot draws
+independent of the benchmark's x_T; what each fit cost is printed with the tables, and the goals
+are stated with our default grids alone and with the tuned ones.
 
 Budgets: each sampler gets the largest number of steps whose NFE, counted by wrapping the
 model, fits the budget (our NFE includes the final Tweedie denoise evaluation). Common random

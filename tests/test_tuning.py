@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sde_diffusion import GaussianMixture, get_sde, sample, tune_grid
-from sde_diffusion.solvers import tunable_solvers
+from sde_diffusion import GaussianMixture, get_sde
+from sde_diffusion.solvers import sample, tunable_solvers, tune_grid
 from sde_diffusion.solvers.grids import resolve_grid
 from sde_diffusion.solvers.tuning import _fractions_to_grid
 

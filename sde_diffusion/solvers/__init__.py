@@ -10,11 +10,7 @@ knows nothing of networks, configs or global state.
 from __future__ import annotations
 
 from . import ancestral, expint, heun, ode, sde_solvers  # noqa: F401  (registers the solvers)
-from ._registry import (
-    SOLVERS,
-    IncompatibleSDEError,
-    get_solver,
-)
+from ._registry import SOLVERS, IncompatibleSDEError, SolverSpec, get_solver
 from .ancestral import ddim, ddpm
 from .expint import dpm_solver_pp, unipc
 from .grids import GRIDS, time_grid
@@ -29,6 +25,7 @@ __all__ = [
     "SOLVERS",
     "IncompatibleSDEError",
     "SampleResult",
+    "SolverSpec",
     "TunedGrid",
     "ddim",
     "ddpm",
