@@ -19,8 +19,8 @@ figure (a scatter plot for 2-D data, an image grid for images).
 draws, `tune.trials` trial grids) and writes it to grid.json; `solver.grid=<grid.json>` reuses it.
 
 A solver that is not defined for the SDE (ddpm on VE), or a grid tuned for a stochastic solver, is
-recorded with status "invalid" and the
-reason, and a run that fails is recorded with status "error": a sweep reports them and goes on.
+recorded with status "invalid" and the reason, and a run that fails is recorded with status
+"error": a sweep reports them and goes on.
 """
 
 from __future__ import annotations

@@ -2,13 +2,14 @@
 closest to that score's own probability-flow ODE.
 
 At 5-20 evaluations the grid decides most of a solver's error, and which grid is best depends on
-the data (on the oracle mixtures of benchmarks/steps_vs_quality.py a grid quadratic in t beats
-uniform log-SNR steps fourfold in 2-D and loses twofold in 16-D). `tune_grid` therefore
-measures instead of guessing, in the spirit of the learned and optimised schedules of Watson et
-al. (2021), Sabour et al. ("Align Your Steps", 2024) and Xue et al. (2024): on a pilot batch of
-prior draws it solves the probability-flow ODE accurately once (adaptive dopri5), then moves the
-grid's log-SNRs to minimise the mean squared distance between the solver's samples and those
-exact flow samples, by Nelder-Mead over a parametrisation that keeps every grid valid. The cost is
+the data: on the oracle mixtures of benchmarks/steps_vs_quality.py a grid quadratic in t halves
+the 10-step error of DPM-Solver++ and UniPC against uniform log-SNR steps in 2-D and doubles it
+in 16-D (benchmarks/steps_vs_quality_ablation.md). `tune_grid` therefore measures instead of
+guessing, in the spirit of the learned and optimised schedules of Watson et al. (2021), Sabour
+et al. ("Align Your Steps", 2024) and Xue et al. (2024): on a pilot batch of prior draws it
+solves the probability-flow ODE accurately once (adaptive dopri5), then moves the grid's
+log-SNRs to minimise the mean squared distance between the solver's samples and those exact
+flow samples, by Nelder-Mead over a parametrisation that keeps every grid valid. The cost is
 paid once per (score function, SDE, solver, steps); the grid then serves any number of samples,
 from x_T drawn independently of the pilot.
 """
