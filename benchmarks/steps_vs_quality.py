@@ -1,7 +1,7 @@
 """How many score evaluations for which quality? Every registered solver against diffusers' schedulers.
 
     python benchmarks/steps_vs_quality.py              # the full run (8 minutes, 2 cores)
-    python benchmarks/steps_vs_quality.py --quick      # a one-minute smoke run
+    python benchmarks/steps_vs_quality.py --quick      # a 1.5-minute smoke run
 
 The data are Gaussian mixtures whose exact score (`GaussianMixture`) stands in for a perfectly
 trained network, so what remains is each solver's own discretisation error. All samplers share
@@ -436,7 +436,7 @@ def ablation(problem: Problem, budgets: Sequence[int], cache: dict) -> list[dict
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a ~1-minute smoke subset")
+    parser.add_argument("--quick", action="store_true", help="a ~1.5-minute smoke subset")
     parser.add_argument("--dims", type=int, nargs="+", default=None, help="default: 2 16")
     parser.add_argument("--nfe", type=int, nargs="+", default=None, help=f"default: {NFES}")
     parser.add_argument("--samples", type=int, nargs="+", default=None, help="per dim")
