@@ -277,7 +277,8 @@ def steps_for_budget(method: Method, budget: int, problem: Problem, cache: dict)
     ever tried (peers refuse more inference steps than training steps).
     """
     if method.steps_for is not None:
-        return method.steps_for(budget) if method.steps_for(budget) >= 1 else None
+        steps = method.steps_for(budget)
+        return steps if steps >= 1 else None
     one = replace(problem, z=problem.z[:1])
 
     def nfe(steps: int) -> int:

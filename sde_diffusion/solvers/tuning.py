@@ -126,13 +126,14 @@ def tune_grid(
             f"reference has shape {tuple(reference.shape)}, the pilot {tuple(x_T.shape)}"
         )
     start = resolve_grid(sde, None, steps, get_solver(solver).default_grid, denoise=True)
-    lam_T = float(sde.log_snr(start[:1])[0])
-    lam_max = float(sde.log_snr(torch.tensor([float(sde.t_min)], dtype=torch.float64))[0])
     lam = sde.log_snr(start)
+    lam_T = float(lam[0])
+    lam_max = float(sde.log_snr(torch.tensor([float(sde.t_min)], dtype=torch.float64))[0])
     # a default grid that ends at t_min (VP from 500 steps) keeps a sliver above its end
     rest = max(lam_max - float(lam[-1]), 1e-6 * (lam_max - lam_T))
     theta0 = torch.log((lam[1:] - lam[:-1]) / rest).numpy()
     bar = tqdm(total=trials, desc=f"tuning {solver}", disable=not progress, leave=False)
+    errors: list[float] = []  # errors[0] is the start's: Nelder-Mead evaluates x0 first
 
     def error(theta: np.ndarray) -> float:
         nonlocal nfe
@@ -141,13 +142,12 @@ def tune_grid(
         res = sample(score_fn, sde, x_T, solver, grid=ts, return_info=True, **solver_params)
         nfe += res.nfe
         err = float((res.samples - reference).flatten(1).pow(2).sum(1).mean())
-        return err if np.isfinite(err) else np.inf
+        errors.append(err if np.isfinite(err) else np.inf)
+        return errors[-1]
 
     with bar:
-        initial = error(theta0)
-        options = {"maxfev": trials - 1, "xatol": 1e-4, "fatol": 1e-10, "adaptive": True}
+        options = {"maxfev": trials, "xatol": 1e-4, "fatol": 1e-10, "adaptive": True}
+        # x0 is a vertex of the simplex and the best vertex comes back: never worse than the start
         found = minimize(error, theta0, method="Nelder-Mead", options=options)
-    best, theta = (found.fun, found.x) if found.fun < initial else (initial, theta0)
-    return TunedGrid(
-        _fractions_to_grid(theta, lam_T, lam_max, sde), best, initial, found.nfev + 1, nfe
-    )
+    grid = _fractions_to_grid(found.x, lam_T, lam_max, sde)
+    return TunedGrid(grid, float(found.fun), errors[0], len(errors), nfe)
