@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(PY) -m sde_diffusion.demo
+	$(PY) -m sde_diffusion demo
 
 test: setup
 	$(PY) -m ruff check .

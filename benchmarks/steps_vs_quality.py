@@ -54,8 +54,8 @@ import torch
 from torch import Tensor
 
 from sde_diffusion import DiscreteVPSDE, GaussianMixture, model_score_fn
+from sde_diffusion.apps.report import markdown_table, plot_quality
 from sde_diffusion.metrics import SlicedW2, mean_log_prob
-from sde_diffusion.report import markdown_table, plot_quality
 from sde_diffusion.solvers import GRIDS, SOLVERS, TunedGrid, sample, tune_grid
 
 NFES = (5, 10, 20, 50, 100, 250, 1000)

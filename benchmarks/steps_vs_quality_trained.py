@@ -2,7 +2,7 @@
 
 The oracle benchmark (steps_vs_quality.py) measures discretisation error alone; this one measures
 what a user sees with a trained network, whose score error adds to it. Each run goes through the
-sampling app exactly as `python -m sde_diffusion.sample model=ckpt ...` would (samples.npz,
+sampling app exactly as `sde-diffusion sample model=ckpt ...` would (samples.npz,
 metrics.json, figure per run: sliced W2 to held-out data for points, Fréchet distance / precision /
 recall in the digits classifier's features for images), then the report app tabulates and plots.
 Runs whose metrics.json is already in --out are skipped, so an interrupted sweep resumes and a
@@ -10,10 +10,10 @@ narrow one (--nfe 5 10 20) can be widened later. `--tuned unipc` adds that solve
 to the checkpoint (`solver.grid=tuned`, at NFE <= 20, pilot of --pilot prior draws; the fit's cost
 is in each run's metrics.json).
 
-    python -m sde_diffusion.train hydra.run.dir=outputs/swiss                         # ~1 min CPU
+    sde-diffusion train hydra.run.dir=outputs/swiss                         # ~1 min CPU
     python benchmarks/steps_vs_quality_trained.py \\
         --ckpt outputs/swiss/checkpoints/step_00002000.safetensors --out outputs/bench_swiss
-    python -m sde_diffusion.train model=unet data=digits train=digits model.class_cond=true \\
+    sde-diffusion train model=unet data=digits train=digits model.class_cond=true \\
         hydra.run.dir=outputs/digits                                           # ~25 min CPU
     python benchmarks/steps_vs_quality_trained.py --ckpt <digits ckpt> --metric frechet_distance \\
         --samples 1000 --out outputs/bench_digits
@@ -24,9 +24,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sde_diffusion import report
-from sde_diffusion.apps import compose_config
-from sde_diffusion.sample import run
+from sde_diffusion.apps import report
+from sde_diffusion.apps.hydra_app import compose_config
+from sde_diffusion.apps.sample import run
 from sde_diffusion.solvers import SOLVERS
 
 NFE = (5, 10, 20, 50, 100, 250, 1000)

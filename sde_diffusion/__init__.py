@@ -2,7 +2,8 @@
 
 The SDE family with closed-form marginals, an exact-score Gaussian-mixture oracle, network
 parametrisations, and (in the submodules) solvers, training, likelihood and guidance.
-Nothing here imports Hydra: the apps in `sde_diffusion.train` / `.sample` / `.report` do.
+Nothing here imports Hydra or the apps: the command line (`sde-diffusion train|sample|report|
+likelihood|demo`) lives in `sde_diffusion.apps`, which imports the library, never the reverse.
 """
 
 from .guidance import cfg_score_fn, classifier_guided_score_fn, inpaint

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -31,6 +31,7 @@ _NAME = re.compile(r"^step_(\d+)\.safetensors$")
 
 __all__ = [
     "FORMAT",
+    "CheckpointError",
     "checkpoint_path",
     "latest_checkpoint",
     "list_checkpoints",
@@ -38,10 +39,32 @@ __all__ = [
     "optimizer_from_tensors",
     "optimizer_to_tensors",
     "prune_checkpoints",
+    "read_safetensors",
     "save_checkpoint",
     "sde_from_spec",
     "sde_spec",
 ]
+
+
+class CheckpointError(ValueError):
+    """A file given as a checkpoint that is not one this package wrote (or is damaged)."""
+
+
+def _what_is(path: Path) -> str:
+    """A few words on what a file that safetensors refused looks like."""
+    size = path.stat().st_size
+    head = path.open("rb").read(8)
+    if size == 0:
+        return "an empty file"
+    if head.startswith(b"\x80"):
+        return "a Python pickle (torch.save's legacy format), which is never unpickled here"
+    if head.startswith(b"PK"):
+        return "a zip archive (torch.save's format), which is never unpickled here"
+    if size >= 8:
+        declared = int.from_bytes(head, "little")
+        if declared > size - 8:
+            return f"a truncated or foreign file (its header claims {declared} bytes, the file has {size})"
+    return f"a file of {size} bytes that is not valid safetensors"
 
 
 def checkpoint_path(folder: str | Path, step: int) -> Path:
@@ -99,21 +122,40 @@ def save_checkpoint(
     return path
 
 
+def read_safetensors(
+    path: str | Path, key: str, noun: str, writer: str, device: torch.device | str = "cpu"
+) -> tuple[dict[str, Tensor], str]:
+    """(tensors, the metadata document under `key`) of a safetensors file, never unpickling.
+
+    Anything else (a missing file, a pickle, a truncated or foreign file, a safetensors file
+    without the document) is refused with one line naming the path, what was expected (a `noun`
+    written by `writer`) and what was found.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {noun} at {path}")
+    expected = f"expected a safetensors {noun} written by {writer}"
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            doc = (f.metadata() or {}).get(key)
+            if doc is None:
+                raise CheckpointError(
+                    f"{path}: {expected}, found a safetensors file without its {key!r} metadata"
+                )
+            return {k: f.get_tensor(k) for k in f.keys()}, doc
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: {expected}, found {_what_is(path)}") from e
+
+
 def load_checkpoint(
     path: str | Path, device: torch.device | str = "cpu"
 ) -> tuple[dict[str, Tensor], dict]:
     """Read (tensors, meta) from a checkpoint written by save_checkpoint."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        doc = (f.metadata() or {}).get("sde_diffusion")
-        if doc is None:
-            raise ValueError(f"{path} is a safetensors file but not an sde_diffusion checkpoint")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, doc = read_safetensors(path, "sde_diffusion", "checkpoint", "sde_diffusion", device)
     meta = json.loads(doc)
     if meta.get("format") != FORMAT:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} has checkpoint format {meta.get('format')!r}, expected {FORMAT!r}"
         )
     return tensors, meta

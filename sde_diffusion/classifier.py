@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from ._tensor import append_dims
-from .checkpoint import sde_from_spec, sde_spec
+from .checkpoint import read_safetensors, sde_from_spec, sde_spec
 from .sde import SDE
 
 __all__ = ["NoisyClassifier", "load_classifier", "save_classifier", "train_classifier"]
@@ -176,16 +176,7 @@ def save_classifier(classifier: NoisyClassifier, path: str | Path) -> Path:
 
 def load_classifier(path: str | Path, device: torch.device | str | None = None) -> NoisyClassifier:
     """Rebuild a classifier written by `save_classifier`, in eval mode with frozen weights."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"no classifier file at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        doc = (f.metadata() or {}).get(_META_KEY)
-        if doc is None:
-            raise ValueError(f"{path} is not a NoisyClassifier written by save_classifier")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, doc = read_safetensors(path, _META_KEY, "classifier", "save_classifier")
     meta = json.loads(doc)
     classifier = NoisyClassifier(sde=sde_from_spec(meta["sde"]), **meta["config"])
     classifier.load_state_dict(tensors)

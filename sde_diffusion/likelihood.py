@@ -371,9 +371,3 @@ def ddpm_bound(
         decoder=decoder_nll,
         terms=terms_t,
     )
-
-
-if __name__ == "__main__":  # `python -m sde_diffusion.likelihood` runs the Hydra app
-    from .likelihood_app import main
-
-    main()

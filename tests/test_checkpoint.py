@@ -7,6 +7,7 @@ import torch
 
 from sde_diffusion import get_sde
 from sde_diffusion.checkpoint import (
+    CheckpointError,
     checkpoint_path,
     latest_checkpoint,
     list_checkpoints,
@@ -98,7 +99,43 @@ def test_rejects_foreign_files(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(1)}, str(tmp_path / "x.safetensors"))
-    with pytest.raises(ValueError, match="not an sde_diffusion checkpoint"):
+    with pytest.raises(
+        CheckpointError, match="found a safetensors file without its 'sde_diffusion' metadata"
+    ):
         load_checkpoint(tmp_path / "x.safetensors")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint at .*missing\.safetensors"):
         load_checkpoint(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("kind", "found"),
+    [
+        ("pickle", "a Python pickle"),
+        ("torch_save", "a zip archive"),
+        ("truncated", "a truncated or foreign file"),
+        ("empty", "an empty file"),
+        ("text", "not valid safetensors"),
+    ],
+)
+def test_a_file_that_is_no_checkpoint_gets_one_clear_line(tmp_path, kind, found):
+    """Each is refused before anything is unpickled, naming the path, what was expected and
+    what was found, never safetensors' own 'header too large'."""
+    import pickle
+
+    good = save_checkpoint(checkpoint_path(tmp_path, 1), {"w": torch.ones(4)}, {"step": 1})
+    path = tmp_path / f"{kind}.safetensors"
+    if kind == "pickle":
+        path.write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=4))
+    elif kind == "torch_save":
+        torch.save({"w": torch.ones(2)}, path)
+    elif kind == "truncated":
+        path.write_bytes(good.read_bytes()[:40])
+    elif kind == "text":
+        path.write_bytes(b"ab")
+    else:
+        path.write_bytes(b"")
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    message = str(err.value)
+    assert str(path) in message and "expected a safetensors checkpoint" in message
+    assert found in message and "\n" not in message

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_swiss_roll_mlp_is_within_twice_the_data_vs_data_distance(tmp_path):
-    from sde_diffusion.demo import run
+    from sde_diffusion.apps.demo import run
 
     r = run(out=tmp_path, progress=False)
     assert r["sw"] < 2 * r["sw_data"], r

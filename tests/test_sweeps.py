@@ -53,7 +53,8 @@ def _sweep_and_report(sweep_dir: Path, launcher: list[str], env: dict | None = N
     """Runs SWEEP through the launcher and the report app on it; checks the collected results."""
     _python(
         "-m",
-        "sde_diffusion.sample",
+        "sde_diffusion",
+        "sample",
         "-m",
         *SWEEP,
         *launcher,
@@ -61,7 +62,7 @@ def _sweep_and_report(sweep_dir: Path, launcher: list[str], env: dict | None = N
         cwd=ROOT,
         env=env,
     )
-    _python("-m", "sde_diffusion.report", str(sweep_dir), cwd=ROOT)
+    _python("-m", "sde_diffusion", "report", str(sweep_dir), cwd=ROOT)
     with open(sweep_dir / "results.csv") as f:
         rows = {(r["sde"], r["solver"]): r for r in csv.DictReader(f)}
     assert set(rows) == {(s, m) for s in ("vp", "ve") for m in ("ddim", "ddpm")}

@@ -1,4 +1,4 @@
-"""The training app: `python -m sde_diffusion.train [group=option ...] [key=value ...]`.
+"""The training app: `sde-diffusion train [group=option ...] [key=value ...]`.
 
 A thin Hydra layer over the library: the config groups in conf/ (sde, model, data, loss, train)
 are typed by the library's dataclasses, registered in Hydra's ConfigStore, so a wrong type fails
@@ -6,15 +6,14 @@ at composition and a bad value fails when the dataclasses are built, naming the 
 choices. A misspelt key fails before Hydra runs, listing the keys that exist there. Outputs land
 in Hydra's run directory.
 
-    python -m sde_diffusion.train                                  # MLP on the swiss roll
-    python -m sde_diffusion.train model=unet data=digits train=digits model.class_cond=true
-    python -m sde_diffusion.train sde=ve loss=likelihood_is train.steps=20000
-    torchrun --nproc_per_node 2 -m sde_diffusion.train hydra.run.dir=outputs/ddp
+    sde-diffusion train                                  # MLP on the swiss roll
+    sde-diffusion train model=unet data=digits train=digits model.class_cond=true
+    sde-diffusion train sde=ve loss=likelihood_is train.steps=20000
+    torchrun --nproc_per_node 2 -m sde_diffusion train hydra.run.dir=outputs/ddp
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,14 +21,14 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from . import apps
-from .apps import CONF_DIR, register_shared_schemas
+from ..data import DataConfig, load_data
+from ..losses import LossConfig
+from ..trainer import TrainConfig, Trainer
+from . import hydra_app
 from .config import MLPConfig, UNetConfig, build_sde, model_kwargs
-from .data import DataConfig, load_data
-from .losses import LossConfig
-from .trainer import TrainConfig, Trainer
+from .hydra_app import register_shared_schemas
 
-__all__ = ["CONF_DIR", "TrainAppConfig", "compose_config", "main", "run"]
+__all__ = ["TrainAppConfig", "compose_config", "main", "run"]
 
 
 @dataclass
@@ -59,13 +58,13 @@ register_configs()
 
 
 def check_override_keys(overrides: list[str]) -> None:
-    """The training app's override-key check (see apps.check_override_keys)."""
-    apps.check_override_keys("train", overrides)
+    """The training app's override-key check (see hydra_app.check_override_keys)."""
+    hydra_app.check_override_keys("train", overrides)
 
 
 def compose_config(overrides: list[str] | None = None) -> DictConfig:
     """The composed training config for these command-line overrides (checked as the app does)."""
-    return apps.compose_config("train", overrides)
+    return hydra_app.compose_config("train", overrides)
 
 
 def run(cfg: DictConfig, out_dir: str | Path) -> Trainer:
@@ -89,25 +88,5 @@ def run(cfg: DictConfig, out_dir: str | Path) -> Trainer:
 
 
 def main() -> None:
-    """Console entry point (sde-diffusion-train)."""
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-
-    try:
-        check_override_keys([a for a in sys.argv[1:] if not a.startswith("-")])
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-
-    @hydra.main(config_path=CONF_DIR, config_name="train", version_base=None)
-    def _app(cfg: DictConfig) -> None:
-        run(cfg, HydraConfig.get().runtime.output_dir)
-
-    _app()
-
-
-if __name__ == "__main__":
-    # run the app from the imported module, not from __main__: launchers that pickle the config
-    # (joblib, submitit) must find its dataclasses under their real module name
-    from sde_diffusion.train import main as module_main
-
-    module_main()
+    """`sde-diffusion train`: the Hydra app over `run`."""
+    hydra_app.run_app("train", run)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from sde_diffusion.train import compose_config, run
+from sde_diffusion.apps.train import compose_config, run
 from sde_diffusion.trainer import load_score_fn
 
 
@@ -72,7 +72,7 @@ def test_app_trains_and_writes_a_loadable_checkpoint(tmp_path):
 
 
 def test_keys_under_a_swept_group_are_left_to_hydra():
-    from sde_diffusion.train import check_override_keys
+    from sde_diffusion.apps.train import check_override_keys
 
     check_override_keys(["sde=vp,ve", "sde.sigma_max=3", "train.lr=1e-3,1e-4"])
     with pytest.raises(ValueError, match=r"Did you mean 'train\.lr'"):

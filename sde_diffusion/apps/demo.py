@@ -6,7 +6,7 @@ printed beside the same distance between 2000 training points and the held-out p
 finite samples of the *same* distribution are that far apart, so it is the scale to read
 the first number against. Writes outputs/demo/demo.png (data beside samples) and prints its path.
 
-    python -m sde_diffusion.demo [--steps N] [--out DIR]
+    sde-diffusion demo [--steps N] [--out DIR]
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from .data import DataConfig, load_data
-from .figures import save_sample_figure
-from .losses import LossConfig
-from .metrics import sliced_wasserstein
-from .sde import VPSDE
-from .trainer import TrainConfig, Trainer
+from ..data import DataConfig, load_data
+from ..figures import save_sample_figure
+from ..losses import LossConfig
+from ..metrics import sliced_wasserstein
+from ..sde import VPSDE
+from ..trainer import TrainConfig, Trainer
 
 MLP = {"width": 128, "depth": 3, "time_embedding": "fourier", "embed_dim": 64}
 #: the trained model sampled again with faster solvers, for the closing table
@@ -69,8 +69,10 @@ def run(
 
 
 def main() -> None:
+    """`sde-diffusion demo`: train, sample and print the closing table."""
     p = argparse.ArgumentParser(
-        description="Train an MLP on the swiss roll (CPU, about a minute) and score it."
+        prog="sde-diffusion demo",
+        description="Train an MLP on the swiss roll (CPU, about a minute) and score it.",
     )
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--out", default="outputs/demo")
@@ -89,7 +91,3 @@ def main() -> None:
         "saw no data, to far outliers; see the README's training section)"
     )
     print(f"figure: {r['figure']}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,9 +1,9 @@
 """Collect a sweep into a CSV, a Markdown table and a log–log plot of quality against NFE.
 
-    python -m sde_diffusion.report <sweep dir> [--out DIR] [--metric sliced_w2]
+    sde-diffusion report <sweep dir> [--out DIR] [--metric sliced_w2]
 
 A sweep directory is Hydra's multirun layout: one subdirectory per run, each holding the
-`metrics.json` that `python -m sde_diffusion.sample` writes:
+`metrics.json` that `sde-diffusion sample` writes:
 
     {"model": str, "sde": str, "solver": str, "steps": int, "nfe": int | null, "seed": int,
      "num_samples": int, "status": "ok" | "invalid" | "error", "error": str | null,
@@ -255,9 +255,9 @@ def plot_quality(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of `python -m sde_diffusion.report`."""
+    """`sde-diffusion report`: collect a sweep directory into tables and a plot."""
     parser = argparse.ArgumentParser(
-        prog="python -m sde_diffusion.report",
+        prog="sde-diffusion report",
         description="Collect a sweep (one metrics.json per run) into a CSV, a Markdown table "
         "and a log-log plot of quality against NFE.",
     )
@@ -285,7 +285,3 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{len(records)} runs ({ok} ok); wrote {out / 'results.csv'}, {out / 'results.md'}, "
         f"{out / f'{args.metric}_vs_nfe.png'}"
     )
-
-
-if __name__ == "__main__":
-    main()

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from sde_diffusion import report
+from sde_diffusion.apps import report
 
 RUNS = [
     # (subdir, sde, solver, steps, nfe, seed, status, error, metrics)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from sde_diffusion import train
-from sde_diffusion.apps import compose_config
-from sde_diffusion.sample import run
+from sde_diffusion.apps import train
+from sde_diffusion.apps.hydra_app import compose_config
+from sde_diffusion.apps.sample import run
 from sde_diffusion.solvers import SOLVERS
 
 FAST = ["num_samples=300", "device=cpu"]

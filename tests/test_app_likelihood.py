@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from sde_diffusion import likelihood_app
-from sde_diffusion.apps import compose_config
+from sde_diffusion.apps import likelihood as likelihood_app
+from sde_diffusion.apps.hydra_app import compose_config
 
 
 def _cfg(*overrides):
@@ -48,7 +48,7 @@ def test_bad_choices_fail_clearly():
 
 
 def test_main_writes_metrics_json(tmp_path, monkeypatch, capsys):
-    argv = ["sde-diffusion-likelihood", "num_samples=8", "ddpm_bound.num_steps=20"]
+    argv = ["sde-diffusion likelihood", "num_samples=8", "ddpm_bound.num_steps=20"]
     monkeypatch.setattr(sys, "argv", [*argv, f"hydra.run.dir={tmp_path}"])
     likelihood_app.main()
     metrics = json.loads((tmp_path / "metrics.json").read_text())

@@ -1,4 +1,4 @@
-"""Plain dataclass configs for the SDEs and networks, shared by the apps (no Hydra here).
+"""Plain dataclass configs shared by the apps: SDEs, networks, the oracle (no Hydra here).
 
 The apps register these (and DataConfig, LossConfig, TrainConfig) in Hydra's ConfigStore, so a
 misspelt key or a wrong type fails at composition; the value checks run in __post_init__, when
@@ -11,18 +11,29 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .nets import NETS, TIME_EMBEDDINGS
-from .sde import SDE, SDE_NAMES, get_sde
+import torch
+
+from ..nets import NETS, TIME_EMBEDDINGS
+from ..oracle import GaussianMixture
+from ..sde import SDE, SDE_NAMES, get_sde
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+ORACLES = ("ring", "gaussian", "random")
 
 __all__ = [
+    "DTYPES",
+    "CheckpointModelConfig",
     "DDPMConfig",
     "MLPConfig",
+    "OracleConfig",
     "SubVPConfig",
     "UNetConfig",
     "VEConfig",
     "VPConfig",
     "VPCosineConfig",
+    "build_oracle",
     "build_sde",
+    "dtype_of",
     "model_kwargs",
 ]
 
@@ -129,3 +140,52 @@ def model_kwargs(cfg: Any) -> tuple[str, dict[str, Any]]:
     """(name, keyword arguments) for Trainer / build_model from a model config."""
     kwargs = dataclasses.asdict(cfg)
     return kwargs.pop("name"), kwargs
+
+
+def dtype_of(name: str) -> torch.dtype:
+    """The torch dtype named float32 or float64."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; valid choices: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass
+class OracleConfig:
+    """The Gaussian mixture whose exact score stands in for a network (model=oracle).
+
+    ring: k isotropic components of std `std` on a circle of `radius` (in `dim` dimensions);
+    gaussian: one N(0, std^2 I); random: k components with random means and full covariances.
+    """
+
+    name: str = "oracle"
+    kind: str = "ring"
+    k: int = 8
+    dim: int = 2
+    radius: float = 4.0
+    std: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.name != "oracle":
+            raise ValueError(f"an oracle model config has name 'oracle', got {self.name!r}")
+        if self.kind not in ORACLES:
+            raise ValueError(
+                f"unknown oracle.kind {self.kind!r}; valid choices: {', '.join(ORACLES)}"
+            )
+        if self.k < 1 or self.dim < 1 or self.std <= 0:
+            raise ValueError(f"oracle needs k >= 1, dim >= 1, std > 0; got {self}")
+
+
+@dataclass
+class CheckpointModelConfig:
+    """model=ckpt: the training checkpoint named by the app's top-level `ckpt` key."""
+
+    name: str = "ckpt"
+
+
+def build_oracle(cfg: OracleConfig, generator: torch.Generator) -> GaussianMixture:
+    """The Gaussian mixture of an OracleConfig (the generator draws the 'random' kind)."""
+    if cfg.kind == "ring":
+        return GaussianMixture.ring(k=cfg.k, radius=cfg.radius, std=cfg.std, dim=cfg.dim)
+    if cfg.kind == "gaussian":
+        return GaussianMixture.gaussian(torch.zeros(cfg.dim), cfg.std**2)
+    return GaussianMixture.random(cfg.k, cfg.dim, generator=generator)

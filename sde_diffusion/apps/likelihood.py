@@ -1,11 +1,11 @@
 """Hydra app: negative log-likelihood and bits/dim of a score model.
 
-    python -m sde_diffusion.likelihood model=oracle sde=vp
-    sde-diffusion-likelihood model=ckpt ckpt=outputs/run/checkpoint.safetensors data.path=x.npz
+    sde-diffusion likelihood model=oracle sde=vp
+    sde-diffusion likelihood model=ckpt ckpt=outputs/run/checkpoint.safetensors data.path=x.npz
 
 Computes the PF-ODE log-likelihood (exact or Hutchinson divergence), the DDPM variational bound
 for VP-family SDEs and, for model=oracle, the exact -log p_0 beside them; prints a table and writes
-metrics.json into Hydra's output directory. The config is conf/likelihood.yaml.
+metrics.json into Hydra's output directory. The config is apps/conf/likelihood.yaml.
 """
 
 from __future__ import annotations
@@ -15,20 +15,18 @@ import math
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import torch
 from hydra.core.config_store import ConfigStore
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .apps import CONF_DIR, build_oracle, dtype_of, register_shared_schemas
-from .config import build_sde
-from .likelihood import bits_per_dim, ddpm_bound, dequantize, ode_log_likelihood
-from .metrics import exact_log_prob
-from .oracle import GaussianMixture
-from .sde import SDE, DiscreteVPSDE, ScoreFn, VPFamilySDE
-from .trainer import load_score_fn
+from ..likelihood import bits_per_dim, ddpm_bound, dequantize, ode_log_likelihood
+from ..metrics import exact_log_prob
+from ..oracle import GaussianMixture
+from ..sde import SDE, DiscreteVPSDE, ScoreFn, VPFamilySDE
+from ..trainer import load_score_fn
+from .config import build_oracle, build_sde, dtype_of
+from .hydra_app import register_shared_schemas, run_app
 
 MODELS = ("oracle", "ckpt")
 
@@ -169,19 +167,13 @@ def _table(results: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-@hydra.main(config_path=CONF_DIR, config_name="likelihood", version_base=None)
-def _hydra_main(cfg: DictConfig) -> None:
+def _task(cfg: DictConfig, out_dir: Path) -> None:
     results = evaluate(cfg)
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
     print(_table(results))
     print(f"metrics written to {out_dir / 'metrics.json'}")
 
 
 def main() -> None:
-    """Console-script entry point (sde-diffusion-likelihood)."""
-    _hydra_main()
-
-
-if __name__ == "__main__":
-    main()
+    """`sde-diffusion likelihood`: the Hydra app over `evaluate`."""
+    run_app("likelihood", _task)
