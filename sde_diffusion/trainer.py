@@ -386,6 +386,40 @@ class Trainer:
                 if k != "step":
                     self._tb.add_scalar(f"train/{k}", v, int(row["step"]))
 
+    def _resume(self) -> None:
+        """Load the latest checkpoint, if any, saying which (or that there is none), and cut the
+        metrics log back to that step: rows logged after it are logged again by the resumed run,
+        so the log reads as an uninterrupted run's, without a repeated step. A checkpoint write
+        that a crash cut short left only a temporary file: it is removed."""
+        if self.rank == 0 and self.ckpt_dir.is_dir():
+            for stale in self.ckpt_dir.glob(".*.tmp"):
+                stale.unlink()
+        last = latest_checkpoint(self.ckpt_dir)
+        if last is not None:
+            self.load(last)
+        if self.rank == 0:
+            if last is None:
+                print(f"train.resume: no checkpoint in {self.ckpt_dir}; starting from step 0")
+            else:
+                print(f"train.resume: resuming from {last} (step {self.step} of {self.cfg.steps})")
+            self._truncate_log(self.step)
+
+    def _truncate_log(self, step: int) -> None:
+        path = self.out_dir / "metrics.csv"
+        if not path.is_file():
+            return
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            fields = reader.fieldnames or []
+            # a row cut short by a crash mid-write has missing fields: it goes too
+            rows = [r for r in reader if None not in r.values() and int(r["step"]) <= step]
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, path)
+
     def _open_tensorboard(self) -> None:
         if self.cfg.tensorboard and self.rank == 0:
             try:
@@ -399,8 +433,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        if cfg.resume and (last := latest_checkpoint(self.ckpt_dir)) is not None:
-            self.load(last)
+        if cfg.resume:
+            self._resume()
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self._open_tensorboard()
