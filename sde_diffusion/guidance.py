@@ -286,7 +286,9 @@ def inpaint_mask(
     if not 0 < fraction < 1:
         raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
     if len(shape) != 3:
-        raise ValueError(f"shape must be (C, H, W), got {tuple(shape)}")
+        raise ValueError(
+            f"the {kind!r} mask is for images of shape (C, H, W); got data of shape {tuple(shape)}"
+        )
     c, h, w = (int(n) for n in shape)
     mask = torch.ones(c, h, w)
     if kind == "half":

@@ -153,8 +153,9 @@ class TrainConfig:
         resolve_device(self.device)
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks cuda (this rank's LOCAL_RANK), then mps, then cpu; else torch.device(name)."""
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """'auto' picks cuda (this rank's LOCAL_RANK), then mps, then cpu; else torch.device(name),
+    checked to exist here (errors name the config `key`)."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -165,10 +166,15 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as e:
         raise ValueError(
-            f"unknown train.device {name!r}; valid choices: auto, cpu, cuda, cuda:N, mps"
+            f"unknown {key} {name!r}; valid choices: auto, cpu, cuda, cuda:N, mps"
         ) from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device = {name!r} but CUDA is not available; use 'auto' or 'cpu'")
+        raise ValueError(f"{key} = {name!r} but CUDA is not available; use 'auto' or 'cpu'")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"{key} = {name!r} but this machine has {torch.cuda.device_count()} CUDA device(s): "
+            f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
+        )
     return device
 
 

@@ -39,7 +39,7 @@ def test_integer_data_is_dequantised_with_its_bin_width(tmp_path):
 
 
 def test_bad_choices_fail_clearly():
-    with pytest.raises(ValueError, match="model/net"):
+    with pytest.raises(ValueError, match="unknown model=net; valid choices: ckpt, oracle"):
         _cfg("model=net")
     with pytest.raises(ValueError, match="needs ckpt="):
         likelihood_app.evaluate(_cfg("model=ckpt"))

@@ -42,7 +42,7 @@ def test_defaults_and_groups_compose():
         (["train.progress=maybe"], r"not a valid bool"),
         (
             ["model=transformer"],
-            r"Could not find 'model/transformer'.*Available options in 'model'.*unet",
+            r"unknown model=transformer; valid choices: mlp, unet",
         ),
         (["loss.weighting=l1"], r"valid choices: simple, likelihood, score"),
         (["train.precision=fp16"], r"valid choices: fp32, bf16"),

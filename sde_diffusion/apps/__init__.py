@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(0 if args else 2)
     app, rest = args[0], args[1:]
     if app not in APPS:
-        sys.exit(f"error: unknown app {app!r}; valid choices: {', '.join(APPS)}\n\n{_usage()}")
+        sys.exit(f"error: unknown app {app!r}; valid choices: {', '.join(APPS)}")
     # the app (Hydra or argparse) reads sys.argv: it sees its own arguments only
     sys.argv = [f"sde-diffusion {app}", *rest]
     importlib.import_module(f"{__name__}.{app}").main()

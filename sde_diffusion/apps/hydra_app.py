@@ -32,11 +32,17 @@ from .config import (
 )
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
-#: the config groups of each app (for the override-key check)
+#: the config groups of each app (for the override check)
 GROUPS = {
     "train": ("sde", "model", "data", "loss", "train"),
-    "sample": ("sde", "solver"),
-    "likelihood": ("sde",),
+    "sample": ("sde", "solver", "model"),
+    "likelihood": ("sde", "model"),
+}
+#: the `model` options each app can use (the group's folder holds both kinds)
+MODEL_OPTIONS = {
+    "train": ("mlp", "unet"),
+    "sample": ("ckpt", "oracle"),
+    "likelihood": ("ckpt", "oracle"),
 }
 
 #: what a user can get wrong (a bad value, an impossible combination, a missing or bad file): one
@@ -82,16 +88,35 @@ def _compose(config_name: str, overrides: list[str]) -> DictConfig:
         return compose(config_name, overrides=overrides)
 
 
-def check_override_keys(config_name: str, overrides: list[str]) -> None:
-    """Raise ValueError for an override of a key that does not exist, listing the valid keys.
+def group_options(config_name: str, group: str) -> list[str]:
+    """The options of an app's config group: its yaml files (not the schemas they extend)."""
+    if group == "model":
+        return list(MODEL_OPTIONS[config_name])
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
 
-    Hydra would also reject it, but without saying which keys are there; group choices
-    (model=unet) and additions (+key=value) are left to Hydra.
+
+def check_override_keys(config_name: str, overrides: list[str]) -> None:
+    """Raise ValueError for an option of a config group or a key that does not exist, listing
+    the valid options or keys.
+
+    Hydra would also reject them, but its list of options includes the internal *_schema entries
+    and it does not say which keys exist; additions (+key=value) are left to Hydra.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep
 
     parsed = OverridesParser.create().parse_overrides(overrides)
     groups = [o for o in parsed if o.key_or_group in GROUPS[config_name]]
+    for o in groups:
+        swept = isinstance(o.value(), ChoiceSweep)
+        if o.is_sweep_override() and not swept:
+            continue  # a glob or range over options: Hydra expands it from the options themselves
+        valid = group_options(config_name, o.key_or_group)
+        for option in o.sweep_string_iterator() if swept else [o.value()]:
+            if option not in valid:
+                raise ValueError(
+                    f"unknown {o.key_or_group}={option}; valid choices: {', '.join(valid)}"
+                )
     choices = [o.input_line for o in groups if not o.is_sweep_override()]
     # keys under a swept group (sde=vp,ve) depend on the option: left to Hydra
     skip = {"hydra"} | {o.key_or_group for o in groups if o.is_sweep_override()}

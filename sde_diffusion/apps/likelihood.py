@@ -12,25 +12,122 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ..likelihood import bits_per_dim, ddpm_bound, dequantize, ode_log_likelihood
 from ..metrics import exact_log_prob
 from ..oracle import GaussianMixture
 from ..sde import SDE, DiscreteVPSDE, ScoreFn, VPFamilySDE
-from ..trainer import load_score_fn
+from ..trainer import load_score_fn, resolve_device
 from .config import build_oracle, build_sde, dtype_of
 from .hydra_app import register_shared_schemas, run_app
 
 MODELS = ("oracle", "ckpt")
+DIVERGENCES, PROBES = ("exact", "hutchinson"), ("rademacher", "gaussian")
+DECODERS, VARIANCES = ("gaussian", "discretized"), ("beta", "beta_tilde")
 
-register_shared_schemas(ConfigStore.instance())
+
+def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {key} {value!r}; valid choices: {', '.join(valid)}")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise ValueError(f"{key} must be >= {low}, got {value}")
+
+
+@dataclass
+class DataSource:
+    """Samples to evaluate: an .npy / .npz file (`path`, array `key`), integer arrays dequantised
+    from `num_levels` levels on [low, high); None: the oracle's own samples."""
+
+    path: str | None = None
+    key: str | None = None
+    num_levels: int = 256
+    low: float = -1.0
+    high: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.path is not None and not Path(self.path).is_file():
+            raise FileNotFoundError(f"data.path: no file at {self.path}")
+        _at_least("data.num_levels", self.num_levels, 2)
+        if not self.low < self.high:
+            raise ValueError(f"data.low must be below data.high, got {self.low}, {self.high}")
+
+
+@dataclass
+class ODEConfig:
+    """The PF-ODE likelihood: torchdiffeq `method` at rtol/atol from t_eps, exact or Hutchinson
+    divergence."""
+
+    t_eps: float = 1e-5
+    method: str = "dopri5"
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    divergence: str = "exact"
+    num_probes: int = 1
+    probe: str = "rademacher"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.t_eps < 1:
+            raise ValueError(f"ode.t_eps must lie in (0, 1), got {self.t_eps}")
+        if self.rtol <= 0 or self.atol <= 0:
+            raise ValueError(f"ode.rtol and ode.atol must be > 0, got {self.rtol}, {self.atol}")
+        _choice("ode.divergence", self.divergence, DIVERGENCES)
+        _choice("ode.probe", self.probe, PROBES)
+        _at_least("ode.num_probes", self.num_probes, 1)
+
+
+@dataclass
+class BoundConfig:
+    """The DDPM variational bound (VP-family SDEs only)."""
+
+    enabled: bool = True
+    num_steps: int = 1000
+    decoder: str = "gaussian"
+    variance: str = "beta"
+
+    def __post_init__(self) -> None:
+        _at_least("ddpm_bound.num_steps", self.num_steps, 1)
+        _choice("ddpm_bound.decoder", self.decoder, DECODERS)
+        _choice("ddpm_bound.variance", self.variance, VARIANCES)
+
+
+@dataclass
+class LikelihoodAppConfig:
+    """The root of the likelihood config; each part checks its values when it is built."""
+
+    sde: Any = MISSING
+    model: Any = MISSING
+    ckpt: str | None = None
+    seed: int = 0
+    num_samples: int = 512
+    batch_size: int = 512
+    device: str = "cpu"
+    dtype: str = "float64"
+    data: DataSource = field(default_factory=DataSource)
+    ode: ODEConfig = field(default_factory=ODEConfig)
+    ddpm_bound: BoundConfig = field(default_factory=BoundConfig)
+
+    def __post_init__(self) -> None:
+        _choice("model", self.model.name, MODELS)
+        _at_least("num_samples", self.num_samples, 1)
+        _at_least("batch_size", self.batch_size, 1)
+        dtype_of(self.dtype)
+        resolve_device(self.device, "device")
+
+
+cs = ConfigStore.instance()
+cs.store(name="likelihood_app", node=LikelihoodAppConfig)
+register_shared_schemas(cs)
 
 
 def load_model(
@@ -43,12 +140,10 @@ def load_model(
         sde = build_sde(OmegaConf.to_object(cfg.sde))
         mixture = build_oracle(model, generator)
         return mixture.score_fn(sde), sde, mixture
-    if model.name == "ckpt":
-        if not cfg.ckpt:
-            raise ValueError("model=ckpt needs ckpt=<path to a training checkpoint>")
-        score_fn, sde, _ = load_score_fn(cfg.ckpt, cfg.device)
-        return score_fn, sde, None
-    raise ValueError(f"unknown model {model.name!r}; valid choices: {', '.join(MODELS)}")
+    if not cfg.ckpt:
+        raise ValueError("model=ckpt needs ckpt=<path to a training checkpoint>")
+    score_fn, sde, _ = load_score_fn(cfg.ckpt, cfg.device)
+    return score_fn, sde, None
 
 
 def load_data(
@@ -91,7 +186,8 @@ def _summary(nll: torch.Tensor, num_dims: int, bin_width: float | None) -> dict[
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run every likelihood the config asks for; return the results as plain numbers."""
-    dtype, device = dtype_of(cfg.dtype), torch.device(cfg.device)
+    OmegaConf.to_object(cfg)  # builds the dataclasses: their checks name what is wrong
+    dtype, device = dtype_of(cfg.dtype), resolve_device(cfg.device, "device")
     generator = torch.Generator().manual_seed(cfg.seed)
     score_fn, sde, mixture = load_model(cfg, generator)
     x, x0, bin_width = load_data(cfg, mixture, generator, dtype)

@@ -67,7 +67,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     obj: SampleAppConfig = OmegaConf.to_object(cfg)  # the dataclasses check their values
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device, dtype = resolve_device(obj.device), dtype_of(obj.dtype)
+    device, dtype = resolve_device(obj.device, "device"), dtype_of(obj.dtype)
     target = build_target(obj, device, dtype)
     record: dict[str, Any] = {
         "model": target.name,
