@@ -48,17 +48,21 @@ class SolverSpec:
     #: fn without its argument checks, for callers that made them (None: fn checks nothing)
     unchecked: Callable[..., Tensor] | None = field(default=None, repr=False, compare=False)
 
-    @property
+    @functools.cached_property
     def params(self) -> tuple[str, ...]:
         """The parameters a caller may set by name (order, eta, ...): every keyword-only one but
         the `callback` and `noise` that `sample()` supplies."""
         return tuple(p for p in keyword_parameters(self.fn) if p not in ("callback", "noise"))
 
-    def check_params(self, params: Mapping[str, object]) -> None:
-        """Refuse parameters the solver does not take, naming them and `params` (a solver of
-        **kwargs takes any)."""
+    @functools.cached_property
+    def takes_any_params(self) -> bool:
+        """Whether fn takes **params, and so any name."""
         kinds = {p.kind for p in inspect.signature(self.fn).parameters.values()}
-        if inspect.Parameter.VAR_KEYWORD not in kinds:
+        return inspect.Parameter.VAR_KEYWORD in kinds
+
+    def check_params(self, params: Mapping[str, object]) -> None:
+        """Refuse parameters the solver does not take, naming them and `params`."""
+        if not self.takes_any_params:
             check_keywords(f"solver {self.name!r}", params, self.params)
 
     def run(
