@@ -140,7 +140,7 @@ def check_positive(value: object, name: str) -> float:
 
 def check_choice(name: str, value: object, choices: Collection[str]) -> None:
     """Refuse a value that is not one of the named choices, listing them."""
-    if value not in choices:
+    if not (isinstance(value, str) and value in choices):
         raise ValueError(f"unknown {name} {value!r}; valid choices: {', '.join(choices)}")
 
 

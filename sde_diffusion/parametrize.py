@@ -147,15 +147,12 @@ def sde_from_scheduler_config(config: Mapping[str, Any]) -> DiscreteVPSDE:
     if config.get("trained_betas") is not None:
         return DiscreteVPSDE(config["trained_betas"])
     schedule = config.get("beta_schedule", "linear")
+    check_choice("beta_schedule", schedule, ("linear", "scaled_linear", "squaredcos_cap_v2"))
     start, end = float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02))
     if schedule == "linear":
         betas = torch.linspace(start, end, N, dtype=torch.float64)
     elif schedule == "scaled_linear":
         betas = torch.linspace(start**0.5, end**0.5, N, dtype=torch.float64) ** 2
-    elif schedule == "squaredcos_cap_v2":
-        betas = _cosine_betas(N)
     else:
-        raise ValueError(
-            f"unknown beta_schedule {schedule!r}; valid choices: linear, scaled_linear, squaredcos_cap_v2"
-        )
+        betas = _cosine_betas(N)
     return DiscreteVPSDE(betas)

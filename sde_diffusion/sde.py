@@ -21,7 +21,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._tensor import append_dims, as_time, check_int, check_keywords, check_positive, describe
+from ._tensor import (
+    append_dims,
+    as_time,
+    check_choice,
+    check_int,
+    check_keywords,
+    check_positive,
+    describe,
+)
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -483,8 +491,7 @@ SDE_NAMES: dict[str, type[SDE]] = {
 
 def get_sde(name: str, **kwargs: object) -> SDE:
     """Build an SDE by name: one of vp, vp_cosine, subvp, ve, ddpm (DDPM's discrete betas)."""
-    if name not in SDE_NAMES:
-        raise ValueError(f"unknown SDE {name!r}; valid choices: {', '.join(SDE_NAMES)}")
+    check_choice("SDE", name, SDE_NAMES)
     build = DiscreteVPSDE.ddpm if name == "ddpm" and "betas" not in kwargs else SDE_NAMES[name]
     check_keywords(f"get_sde({name!r})", kwargs, list(inspect.signature(build).parameters))
     return build(**kwargs)  # type: ignore[arg-type]

@@ -112,8 +112,8 @@ def test_seeds_must_match_the_batch() -> None:
     "solver, params, message",
     [
         ("pc", {"predictor": "ancestral"}, r"'ancestral'; valid choices: euler_maruyama, reverse"),
-        ("pc", {"snr": 0.0}, "snr must be > 0, got 0.0"),
-        ("pc", {"snr": -0.1}, "snr must be > 0, got -0.1"),
+        ("pc", {"snr": 0.0}, "snr must be a finite number > 0, got 0.0"),
+        ("pc", {"snr": -0.1}, "snr must be a finite number > 0, got -0.1"),
         ("pc", {"n_corrector": -1}, "n_corrector must be an integer >= 0, got -1"),
         ("pc", {"n_corrector": 1.5}, "n_corrector must be an integer >= 0, got 1.5"),
         ("heun", {"S_churn": -1.0}, "S_churn must be a finite number >= 0, got -1.0"),

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .._tensor import check_batch, check_callable, check_keywords
+from .._tensor import check_batch, check_callable, check_choice, check_keywords
 from ..sde import SDE, check_sde
 from .grids import check_grid
 
@@ -128,8 +128,7 @@ def check_solver_call(
 
 def get_solver(name: str) -> SolverSpec:
     """Look a solver up by name; the error lists the valid names."""
-    if name not in SOLVERS:
-        raise ValueError(f"unknown solver {name!r}; valid choices: {', '.join(sorted(SOLVERS))}")
+    check_choice("solver", name, sorted(SOLVERS))
     return SOLVERS[name]
 
 

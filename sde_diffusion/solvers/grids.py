@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._tensor import check_int, check_positive, describe, time_tolerance
+from .._tensor import check_choice, check_int, check_positive, describe, time_tolerance
 from ..sde import SDE, check_sde
 
 GRIDS = ("uniform", "log_snr", "edm", "quadratic")
@@ -35,8 +35,7 @@ def time_grid(
     quadratic: t spaced as squares, denser near t_end (DDIM's "quad" spacing).
     """
     check_sde(sde)
-    if kind not in GRIDS:
-        raise ValueError(f"unknown grid {kind!r}; valid choices: {', '.join(GRIDS)}")
+    check_choice("grid", kind, GRIDS)
     steps = check_int(steps, "steps")
     check_positive(rho, "rho")
     t0 = float(sde.T if t_start is None else t_start)
