@@ -63,7 +63,8 @@ class GaussianMixture:
                 f"summing to {total:.6g}"
             )
         if not bool(torch.isfinite(mu).all()):
-            raise ValueError(f"means must be finite, got {mu.tolist()}")
+            k = int((~torch.isfinite(mu)).any(1).nonzero()[0])
+            raise ValueError(f"means must be finite; component {k} is {mu[k].tolist()}")
         K, D = mu.shape
         cov = torch.as_tensor(covs, dtype=dtype)
         if cov.ndim == 0:

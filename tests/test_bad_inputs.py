@@ -155,7 +155,7 @@ CASES: list[Case] = [
     ("mixture: covs not positive definite", lambda: mixture(covs=torch.tensor([[1.0, -1.0], [1.0, 1.0]])), ValueError, ("covs", "positive definite", "component 0", "-1")),
     ("mixture: covs not symmetric", lambda: mixture(covs=torch.tensor([[[1.0, 0.5], [0.0, 1.0]]] * 2)), ValueError, ("covs", "symmetric", "component 0", "0.5")),
     ("mixture: covs with NaN", lambda: mixture(covs=float("nan")), ValueError, ("covs", "finite")),
-    ("mixture: means with inf", lambda: mixture(means=[[0.0, 0.0], [float("inf"), 1.0]]), ValueError, ("means", "finite", "inf")),
+    ("mixture: means with inf", lambda: mixture(means=[[0.0, 0.0], [float("inf"), 1.0]]), ValueError, ("means", "finite", "component 1", "[inf, 1.0]")),
     ("mixture: dims of another size", lambda: mixture(dims=(3,)), ValueError, ("dims", "(3,)", "D = 2")),
     ("mixture: ring std -1", lambda: GaussianMixture.ring(std=-1.0), ValueError, ("std", "> 0", "-1.0")),
     ("mixture: ring k 0", lambda: GaussianMixture.ring(k=0), ValueError, ("k", "positive integer", "0")),
