@@ -21,9 +21,15 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ._tensor import check_finite
+from ._tensor import (
+    check_batch,
+    check_callable,
+    check_choice,
+    check_finite,
+    check_int,
+)
 from .parametrize import model_score_fn, tweedie_x0
-from .sde import SDE, ScoreFn
+from .sde import SDE, ScoreFn, check_sde
 from .solvers import get_solver
 from .solvers._registry import generator_noise
 from .solvers.grids import resolve_grid
@@ -81,10 +87,9 @@ def classifier_guided_score_fn(
     y: the target class, an int for the whole batch or a (batch,) tensor.
     scale: w; w = 1 gives the exact class-conditional score when the classifier is exact.
     """
-    if output not in CLASSIFIER_OUTPUTS:
-        raise ValueError(
-            f"unknown classifier output {output!r}; valid choices: {', '.join(CLASSIFIER_OUTPUTS)}"
-        )
+    check_callable(score_fn, "score_fn")
+    check_callable(classifier, "classifier")
+    check_choice("classifier output", output, CLASSIFIER_OUTPUTS)
     w = _check_scale(scale)
 
     def guided(x: Tensor, t: Tensor) -> Tensor:
@@ -128,10 +133,8 @@ def cfg_eps(
     The weights sum to one, so the combination commutes with the affine maps between the
     eps, x0, v and score parametrisations: the model may predict any of them.
     """
-    if convention not in CFG_CONVENTIONS:
-        raise ValueError(
-            f"unknown guidance convention {convention!r}; valid choices: {', '.join(CFG_CONVENTIONS)}"
-        )
+    check_callable(model, "model")
+    check_choice("guidance convention", convention, CFG_CONVENTIONS)
     w = _check_scale(scale)
     w_cond = w if convention == "lerp" else 1 + w
 
@@ -173,8 +176,7 @@ def repaint_walk(steps: int, resample: int = 1, jump: int = 1) -> list[int]:
     resample = 1 is the plain replacement method: 0, 1, ..., steps.
     """
     for name, v in (("steps", steps), ("resample", resample), ("jump", jump)):
-        if int(v) != v or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v}")
+        check_int(v, name)
     left = {i: resample - 1 for i in range(jump, steps + 1) if (steps - i) % jump == 0}
     walk, i = [0], 0
     while i < steps:
@@ -234,7 +236,11 @@ def inpaint(
     steps / grid / t_end: the time grid as in `solvers.sample`; denoise ends with Tweedie's step.
     The result holds x_known exactly on the mask.
     """
+    check_callable(score_fn, "score_fn")
+    check_sde(sde)
+    check_batch(x_known, "x_known", finite=False)
     spec = get_solver(solver)
+    spec.check_params(solver_params)
     # solvers that drop their last step's noise must keep it here: every interval is a last step
     keep_last_noise = "noise_last" in inspect.signature(spec.fn).parameters
     ts = resolve_grid(sde, grid, steps, spec.default_grid, t_end)
@@ -258,7 +264,7 @@ def inpaint(
                 params["noise"] = noise
             if keep_last_noise:
                 params["noise_last"] = k < len(moves) - 1
-            x = spec.fn(score_fn, sde, observe(x, i), ts_x[[i, j]], **params)
+            x = spec.run(score_fn, sde, observe(x, i), ts_x[[i, j]], **params)
         else:  # forward jump ts[i] -> ts[j] (j < i, a later time) with the exact kernel
             a = gamma[j] / gamma[i]
             b = torch.sqrt(torch.clamp(sigma[j] ** 2 - (a * sigma[i]) ** 2, min=0))
@@ -281,8 +287,7 @@ def inpaint_mask(
     half: the top half of the rows known; box: all known but a centred box of `fraction` of the
     height and width; random: each pixel (all channels together) known with probability `fraction`.
     """
-    if kind not in MASKS:
-        raise ValueError(f"unknown mask {kind!r}; valid choices: {', '.join(MASKS)}")
+    check_choice("mask", kind, MASKS)
     if not 0 < fraction < 1:
         raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
     if len(shape) != 3:

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from ._tensor import check_finite
-from .sde import SDE, DiscreteVPSDE, ScoreFn, VPFamilySDE
+from ._tensor import check_batch, check_callable, check_choice, check_int, check_positive
+from .sde import SDE, DiscreteVPSDE, ScoreFn, VPFamilySDE, check_sde
 
 DIVERGENCES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
@@ -49,11 +49,6 @@ __all__ = [
     "normal_kl",
     "ode_log_likelihood",
 ]
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; valid choices: {', '.join(choices)}")
 
 
 def normal_kl(mean1: Tensor, var1: Tensor | float, mean2: Tensor, var2: Tensor | float) -> Tensor:
@@ -146,13 +141,14 @@ def ode_log_likelihood(
     method, rtol, atol, options: passed to torchdiffeq.odeint.
     prior_logp: log p_T(z); by default the SDE's prior N(0, prior_std^2 I).
     """
-    _check_choice("divergence", divergence, DIVERGENCES)
-    _check_choice("probe", probe, PROBES)
-    if int(num_probes) != num_probes or num_probes < 1:
-        raise ValueError(f"num_probes must be a positive integer, got {num_probes}")
+    check_batch(x, "x")
+    check_sde(sde)
+    check_callable(score_fn, "score_fn")
+    check_choice("divergence", divergence, DIVERGENCES)
+    check_choice("probe", probe, PROBES)
+    check_int(num_probes, "num_probes")
     if not (0 <= t_eps < sde.T):
         raise ValueError(f"t_eps must lie in [0, T = {sde.T}), got {t_eps}")
-    check_finite(x, "x")
     nfe = 0
 
     def counted_score(x_: Tensor, t_: Tensor) -> Tensor:
@@ -208,8 +204,7 @@ def dequantize(
     can land on high itself); each level owns a bin of width (high - low) / num_levels, the
     `bin_width` that `bits_per_dim` needs.
     """
-    if int(num_levels) != num_levels or num_levels < 2:
-        raise ValueError(f"num_levels must be an integer >= 2, got {num_levels}")
+    check_int(num_levels, "num_levels", 2)
     if not high > low:
         raise ValueError(f"high must be > low, got low={low}, high={high}")
     if k.is_floating_point() or k.is_complex() or k.dtype == torch.bool:
@@ -229,12 +224,10 @@ def bits_per_dim(logp: Tensor, num_dims: int, bin_width: float | None = None) ->
     (2/256 for 8-bit data mapped to [-1, 1)); the density of the integer-grid variable v = k + u
     is p_x(x) bin_width^D, so the discrete NLL is bounded by -(log p_x + D log bin_width) (Jensen).
     """
-    if int(num_dims) != num_dims or num_dims < 1:
-        raise ValueError(f"num_dims must be a positive integer, got {num_dims}")
+    check_int(num_dims, "num_dims")
     nll = -logp
     if bin_width is not None:
-        if not (math.isfinite(bin_width) and bin_width > 0):
-            raise ValueError(f"bin_width must be a finite number > 0, got {bin_width}")
+        check_positive(bin_width, "bin_width")
         nll = nll - num_dims * math.log(bin_width)
     return nll / (num_dims * math.log(2))
 
@@ -267,8 +260,7 @@ def discretized_gaussian_log_prob(
     as k / 127.5 - 1). Each level gets the Gaussian mass of its bin, x +- half a grid step, with
     the outermost bins extended to -inf and +inf so that the probabilities sum to 1.
     """
-    if int(num_levels) != num_levels or num_levels < 2:
-        raise ValueError(f"num_levels must be an integer >= 2, got {num_levels}")
+    check_int(num_levels, "num_levels", 2)
     std = torch.sqrt(torch.as_tensor(var, dtype=x.dtype, device=x.device))
     half = 0.5 * (high - low) / (num_levels - 1)
     inf = torch.full_like(x, math.inf)
@@ -318,17 +310,19 @@ def ddpm_bound(
     continuous data; "discretized" is Ho et al.'s decoder for data on the grid of
     `discretized_gaussian_log_prob` (num_levels, low, high).
     """
-    _check_choice("decoder", decoder, DECODERS)
-    _check_choice("variance", variance, VARIANCES)
-    if not isinstance(sde, VPFamilySDE):
-        raise ValueError(f"the DDPM bound needs a VP-family SDE (vp, vp_cosine, ddpm), got {sde!r}")
+    check_batch(x0, "x0")
+    check_callable(score_fn, "score_fn")
+    check_choice("decoder", decoder, DECODERS)
+    check_choice("variance", variance, VARIANCES)
+    if not isinstance(check_sde(sde), VPFamilySDE):
+        raise ValueError(
+            f"sde must be a VP-family SDE (vp, vp_cosine, ddpm) for the DDPM bound, got {sde!r}"
+        )
     if num_steps is None:
         if not isinstance(sde, DiscreteVPSDE):
             raise ValueError("num_steps is required unless the SDE is a DiscreteVPSDE")
         num_steps = sde.N
-    if int(num_steps) != num_steps or num_steps < 2:
-        raise ValueError(f"num_steps must be an integer >= 2, got {num_steps}")
-    check_finite(x0, "x0")
+    check_int(num_steps, "num_steps", 2)
     sched = sde.discretize(int(num_steps))
     dt = dict(dtype=x0.dtype, device=x0.device)
     betas, abar, times = (a.to(**dt) for a in (sched.betas, sched.alphas_cumprod, sched.t))

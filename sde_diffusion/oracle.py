@@ -21,18 +21,23 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._tensor import append_dims
+from ._tensor import append_dims, check_int, check_positive
 from .sde import SDE, ScoreFn
 
-__all__ = ["GaussianMixture"]
+__all__ = ["WEIGHT_TOLERANCE", "GaussianMixture"]
+
+#: how far from 1 the weights of a mixture may sum (float32 weights of a few hundred components)
+WEIGHT_TOLERANCE = 1e-5
 
 
 class GaussianMixture:
     """p_0 = sum_k weights_k N(means_k, covs_k) in dimension D, with x of shape (batch, *dims).
 
-    weights: (K,) positive (normalised here); means: (K, D); covs: (K, D, D) symmetric positive
-    definite, or (K, D) for diagonal covariances, or a scalar variance shared by all. `dims`
-    gives the data shape (prod(dims) = D); by default (D,).
+    weights: (K,) positive, summing to 1 (to within WEIGHT_TOLERANCE: a mixture whose weights
+    do not sum to 1 is refused, not renormalised, since it is usually a mistake); means: (K, D);
+    covs: (K, D, D) symmetric positive definite, or (K, D) for diagonal covariances, or a
+    scalar variance shared by all. Everything must be finite. `dims` gives the data shape
+    (prod(dims) = D); by default (D,).
     """
 
     def __init__(
@@ -51,6 +56,15 @@ class GaussianMixture:
             )
         if not bool(torch.isfinite(w).all()) or bool((w <= 0).any()):
             raise ValueError(f"weights must be positive and finite, got {w.tolist()}")
+        total = float(w.sum(dtype=torch.float64))
+        if abs(total - 1) > WEIGHT_TOLERANCE:
+            raise ValueError(
+                f"weights must sum to 1 (to within {WEIGHT_TOLERANCE:g}), got {w.tolist()} "
+                f"summing to {total:.6g}"
+            )
+        if not bool(torch.isfinite(mu).all()):
+            k = int((~torch.isfinite(mu)).any(1).nonzero()[0])
+            raise ValueError(f"means must be finite; component {k} is {mu[k].tolist()}")
         K, D = mu.shape
         cov = torch.as_tensor(covs, dtype=dtype)
         if cov.ndim == 0:
@@ -61,12 +75,21 @@ class GaussianMixture:
             raise ValueError(
                 f"covs must be a scalar, (K, D) or (K, D, D) = ({K}, {D}, {D}), got {tuple(cov.shape)}"
             )
+        if not bool(torch.isfinite(cov).all()):
+            raise ValueError("covs must be finite, got NaN or inf entries")
         if not torch.allclose(cov, cov.transpose(-1, -2)):
-            raise ValueError("covariances must be symmetric")
+            asymmetry = (cov - cov.transpose(-1, -2)).abs().amax((-2, -1))
+            k = int(asymmetry.argmax())
+            raise ValueError(
+                f"covs must be symmetric; component {k} has max |C - C^T| = "
+                f"{asymmetry[k].item():.3g}"
+            )
         evals, evecs = torch.linalg.eigh(cov)
         if bool((evals <= 0).any()):
+            k = int(evals.min(-1).values.argmin())
             raise ValueError(
-                f"covariances must be positive definite; smallest eigenvalue {evals.min().item():.3g}"
+                f"covs must be positive definite; component {k} has smallest eigenvalue "
+                f"{evals[k].min().item():.3g}"
             )
         self.dims = tuple(dims) if dims is not None else (D,)
         if math.prod(self.dims) != D:
@@ -95,19 +118,26 @@ class GaussianMixture:
     def ring(
         cls, k: int = 8, radius: float = 4.0, std: float = 0.5, dim: int = 2
     ) -> GaussianMixture:
-        """k isotropic components evenly spaced on a circle in the first two coordinates."""
+        """k isotropic components of equal weight and standard deviation `std`, evenly spaced on
+        a circle of `radius` in the first two of `dim` coordinates."""
+        k, dim = check_int(k, "k"), check_int(dim, "dim", 2)
+        std = check_positive(std, "std")
+        if not (math.isfinite(radius) and radius >= 0):
+            raise ValueError(f"radius must be a finite number >= 0, got {radius}")
         angle = torch.arange(k, dtype=torch.float64) * (2 * math.pi / k)
         means = torch.zeros(k, dim, dtype=torch.float64)
         means[:, 0], means[:, 1] = radius * torch.cos(angle), radius * torch.sin(angle)
-        return cls(torch.ones(k), means, std**2)
+        return cls(torch.full((k,), 1 / k), means, std**2)
 
     @classmethod
     def random(
         cls, k: int, dim: int, generator: torch.Generator | None = None, scale: float = 3.0
     ) -> GaussianMixture:
         """k components with random means, full random covariances and random weights."""
+        k, dim = check_int(k, "k"), check_int(dim, "dim")
         g = generator
         w = torch.rand(k, generator=g, dtype=torch.float64) + 0.5
+        w = w / w.sum()
         means = scale * torch.randn(k, dim, generator=g, dtype=torch.float64)
         a = torch.randn(k, dim, dim, generator=g, dtype=torch.float64) / math.sqrt(dim)
         covs = 0.3 * (a @ a.transpose(-1, -2)) + 0.1 * torch.eye(dim, dtype=torch.float64)
@@ -123,6 +153,11 @@ class GaussianMixture:
         component: int | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """n samples from p_0 (float64, shape (n, *dims)); optionally their component labels."""
+        n = check_int(n, "n")
+        if component is not None and component not in range(self.num_components):
+            raise ValueError(
+                f"component must be an index in [0, {self.num_components}), got {component!r}"
+            )
         if component is None:
             labels = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         else:

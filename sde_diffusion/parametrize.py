@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._tensor import append_dims
-from .sde import SDE, DiscreteVPSDE, ScoreFn
+from ._tensor import append_dims, check_callable, check_choice, check_int, describe
+from .sde import SDE, DiscreteVPSDE, ScoreFn, check_sde
 
 PREDICTIONS = ("eps", "x0", "v", "score")
 TIME_INPUTS = ("t", "index", "sigma")
@@ -39,8 +39,7 @@ __all__ = [
 
 
 def _check_kind(kind: str) -> None:
-    if kind not in PREDICTIONS:
-        raise ValueError(f"unknown prediction {kind!r}; valid choices: {', '.join(PREDICTIONS)}")
+    check_choice("prediction", kind, PREDICTIONS)
 
 
 def prediction_to_eps(pred: Tensor, kind: str, x: Tensor, gamma: Tensor, sigma: Tensor) -> Tensor:
@@ -72,7 +71,7 @@ def eps_to_prediction(eps: Tensor, kind: str, x: Tensor, gamma: Tensor, sigma: T
 
 def tweedie_x0(x: Tensor, t: Tensor, score: Tensor, sde: SDE) -> Tensor:
     """E[x_0 | x_t] = (x_t + sigma_t^2 grad log p_t(x_t)) / gamma_t (Tweedie's formula)."""
-    gamma, sigma = sde.marginal(sde.time(t, x))
+    gamma, sigma = check_sde(sde).marginal(sde.time(t, x))
     return (x + append_dims(sigma * sigma, x.ndim) * score) / append_dims(gamma, x.ndim)
 
 
@@ -96,11 +95,10 @@ def model_score_fn(
         exploding coordinates x / gamma, where the noise level is sigma_t / gamma_t.
     model_kwargs are passed on every call (class labels, for instance).
     """
+    check_callable(model, "model")
+    check_sde(sde)
     _check_kind(prediction)
-    if time_input not in TIME_INPUTS:
-        raise ValueError(
-            f"unknown time_input {time_input!r}; valid choices: {', '.join(TIME_INPUTS)}"
-        )
+    check_choice("time_input", time_input, TIME_INPUTS)
     if time_input == "index":
         if num_train_timesteps is None:
             if not isinstance(sde, DiscreteVPSDE):
@@ -108,7 +106,7 @@ def model_score_fn(
                     "time_input='index' needs num_train_timesteps unless the SDE is a DiscreteVPSDE"
                 )
             num_train_timesteps = sde.N
-        steps_per_unit = num_train_timesteps / sde.T
+        steps_per_unit = check_int(num_train_timesteps, "num_train_timesteps") / sde.T
     kwargs = dict(model_kwargs or {})
 
     def score_fn(x: Tensor, t: Tensor) -> Tensor:
@@ -143,19 +141,18 @@ def sde_from_scheduler_config(config: Mapping[str, Any]) -> DiscreteVPSDE:
     Reads num_train_timesteps and either trained_betas or beta_schedule (linear, scaled_linear,
     squaredcos_cap_v2) with beta_start / beta_end, using diffusers' definitions.
     """
-    N = int(config.get("num_train_timesteps", 1000))
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a mapping (a scheduler config), got {describe(config)}")
+    N = check_int(config.get("num_train_timesteps", 1000), "num_train_timesteps")
     if config.get("trained_betas") is not None:
         return DiscreteVPSDE(config["trained_betas"])
     schedule = config.get("beta_schedule", "linear")
+    check_choice("beta_schedule", schedule, ("linear", "scaled_linear", "squaredcos_cap_v2"))
     start, end = float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02))
     if schedule == "linear":
         betas = torch.linspace(start, end, N, dtype=torch.float64)
     elif schedule == "scaled_linear":
         betas = torch.linspace(start**0.5, end**0.5, N, dtype=torch.float64) ** 2
-    elif schedule == "squaredcos_cap_v2":
-        betas = _cosine_betas(N)
     else:
-        raise ValueError(
-            f"unknown beta_schedule {schedule!r}; valid choices: linear, scaled_linear, squaredcos_cap_v2"
-        )
+        betas = _cosine_betas(N)
     return DiscreteVPSDE(betas)

@@ -12,6 +12,7 @@ Times are continuous, t in [0, T]; t is a scalar or a tensor of shape (batch,) a
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -20,7 +21,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._tensor import append_dims, as_time
+from ._tensor import (
+    append_dims,
+    as_time,
+    check_choice,
+    check_int,
+    check_keywords,
+    check_positive,
+    describe,
+)
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -35,6 +44,7 @@ __all__ = [
     "ScoreFn",
     "SubVPSDE",
     "VPFamilySDE",
+    "check_sde",
     "get_sde",
 ]
 
@@ -214,8 +224,7 @@ def _check_T(T: float, upper: float = math.inf) -> float:
 
 
 def _check_linear_betas(beta_min: float, beta_max: float) -> None:
-    if not (math.isfinite(beta_min) and beta_min > 0):
-        raise ValueError(f"beta_min must be a finite number > 0, got {beta_min}")
+    check_positive(beta_min, "beta_min")
     if not (math.isfinite(beta_max) and beta_max >= beta_min):
         raise ValueError(f"beta_max must be finite and >= beta_min = {beta_min}, got {beta_max}")
 
@@ -284,8 +293,7 @@ class VPFamilySDE(SDE):
         beta_i = 1 - abar(t_i) / abar(t_{i-1}); for a DiscreteVPSDE with N steps this returns its
         own betas, so DDPM is exactly the discrete special case of the continuous model.
         """
-        if int(N) != N or N < 1:
-            raise ValueError(f"N must be a positive integer, got {N}")
+        N = check_int(N, "N")
         t = torch.arange(0, N + 1, dtype=torch.float64) * (self.T / N)
         log_abar = 2 * self._log_gamma(t)
         betas = -torch.expm1(log_abar[1:] - log_abar[:-1])
@@ -314,8 +322,7 @@ class CosineVPSDE(VPFamilySDE):
     t_min = 1e-3
 
     def __init__(self, s: float = 0.008, T: float = 0.9946):
-        if not (math.isfinite(s) and s > 0):
-            raise ValueError(f"s must be a finite number > 0, got {s}")
+        check_positive(s, "s")
         self.s, self.T = float(s), _check_T(T, upper=1.0)
         self._cos_phi0 = math.cos(self.s / (1 + self.s) * math.pi / 2)
 
@@ -371,7 +378,7 @@ class DiscreteVPSDE(VPFamilySDE):
     @classmethod
     def ddpm(cls, N: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> DiscreteVPSDE:
         """DDPM's linear schedule (Ho et al. 2020): betas linear from 1e-4 to 0.02 over N steps."""
-        return cls(torch.linspace(beta_start, beta_end, N, dtype=torch.float64))
+        return cls(torch.linspace(beta_start, beta_end, check_int(N, "N"), dtype=torch.float64))
 
     def _tables(self, t: Tensor) -> tuple[Tensor, Tensor]:
         key = (t.device, t.dtype)
@@ -439,8 +446,7 @@ class VESDE(SDE):
     t_min = 1e-5
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, T: float = 1.0):
-        if not (math.isfinite(sigma_min) and sigma_min > 0):
-            raise ValueError(f"sigma_min must be a finite number > 0, got {sigma_min}")
+        check_positive(sigma_min, "sigma_min")
         if not (math.isfinite(sigma_max) and sigma_max > sigma_min):
             raise ValueError(
                 f"sigma_max must be finite and > sigma_min = {sigma_min}, got {sigma_max}"
@@ -485,8 +491,18 @@ SDE_NAMES: dict[str, type[SDE]] = {
 
 def get_sde(name: str, **kwargs: object) -> SDE:
     """Build an SDE by name: one of vp, vp_cosine, subvp, ve, ddpm (DDPM's discrete betas)."""
-    if name not in SDE_NAMES:
-        raise ValueError(f"unknown SDE {name!r}; valid choices: {', '.join(SDE_NAMES)}")
-    if name == "ddpm" and "betas" not in kwargs:
-        return DiscreteVPSDE.ddpm(**kwargs)  # type: ignore[arg-type]
-    return SDE_NAMES[name](**kwargs)  # type: ignore[arg-type]
+    check_choice("SDE", name, SDE_NAMES)
+    build = DiscreteVPSDE.ddpm if name == "ddpm" and "betas" not in kwargs else SDE_NAMES[name]
+    check_keywords(f"get_sde({name!r})", kwargs, list(inspect.signature(build).parameters))
+    return build(**kwargs)  # type: ignore[arg-type]
+
+
+def check_sde(sde: object, name: str = "sde") -> SDE:
+    """Refuse anything but an SDE instance, naming the classes and `get_sde`'s names."""
+    if not isinstance(sde, SDE):
+        classes = ", ".join(c.__name__ for c in SDE_NAMES.values())
+        raise TypeError(
+            f"{name} must be an SDE instance ({classes}, or get_sde(name) with name one of "
+            f"{', '.join(SDE_NAMES)}), got {describe(sde)}"
+        )
+    return sde

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._tensor import check_device
 from .checkpoint import (
     checkpoint_path,
     latest_checkpoint,
@@ -560,7 +561,7 @@ def load_model(
     model = build_model(spec["name"], spec["data_shape"], spec["num_classes"], **spec["kwargs"])
     prefix = "ema/" if ema else "model/"
     model.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
-    dev = torch.device(device) if device is not None else resolve_device("auto")
+    dev = check_device(device) if device is not None else resolve_device("auto")
     return model.to(dev).eval().requires_grad_(False), sde_from_spec(meta["sde"]), meta
 
 

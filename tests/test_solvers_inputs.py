@@ -48,9 +48,9 @@ def test_unknown_grid_lists_the_valid_ones() -> None:
 @pytest.mark.parametrize(
     "grid, message",
     [
-        ([1.0, 0.5, 0.7, 0.1], r"strictly decrease.*ts\[1\]=0.5 is followed by ts\[2\]=0.7"),
-        ([1.0, 0.5, 0.5, 0.1], r"strictly decrease.*ts\[1\]=0.5"),
-        ([0.1, 0.5, 1.0], r"strictly decrease.*ts\[0\]=0.1"),
+        ([1.0, 0.5, 0.7, 0.1], r"strictly decrease.*grid\[1\]=0.5 is followed by grid\[2\]=0.7"),
+        ([1.0, 0.5, 0.5, 0.1], r"strictly decrease.*grid\[1\]=0.5"),
+        ([0.1, 0.5, 1.0], r"strictly decrease.*grid\[0\]=0.1"),
         ([1.0], "at least 2 points"),
         ([[1.0, 0.5]], "1-D"),
         ([1.0, float("nan"), 0.1], "NaN"),
@@ -112,8 +112,8 @@ def test_seeds_must_match_the_batch() -> None:
     "solver, params, message",
     [
         ("pc", {"predictor": "ancestral"}, r"'ancestral'; valid choices: euler_maruyama, reverse"),
-        ("pc", {"snr": 0.0}, "snr must be > 0, got 0.0"),
-        ("pc", {"snr": -0.1}, "snr must be > 0, got -0.1"),
+        ("pc", {"snr": 0.0}, "snr must be a finite number > 0, got 0.0"),
+        ("pc", {"snr": -0.1}, "snr must be a finite number > 0, got -0.1"),
         ("pc", {"n_corrector": -1}, "n_corrector must be an integer >= 0, got -1"),
         ("pc", {"n_corrector": 1.5}, "n_corrector must be an integer >= 0, got 1.5"),
         ("heun", {"S_churn": -1.0}, "S_churn must be a finite number >= 0, got -1.0"),

@@ -1,11 +1,20 @@
-"""The cheap finiteness and time checks solvers run every step (sde_diffusion._tensor)."""
+"""The cheap finiteness and time checks solvers run every step, and the argument checks every
+module shares (sde_diffusion._tensor): what they accept as well as what they refuse."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from sde_diffusion._tensor import as_time, check_finite, is_finite
+from sde_diffusion._tensor import (
+    as_time,
+    check_device,
+    check_finite,
+    check_int,
+    check_shape,
+    is_finite,
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
@@ -48,3 +57,24 @@ def test_as_time_accepts_times_in_range(t) -> None:
 def test_as_time_refuses_bad_times(t, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         as_time(t, 1.0)
+
+
+@pytest.mark.parametrize("value", [1, 10, 10.0, np.int64(3), np.float32(2.0)], ids=repr)
+def test_check_int_accepts_integer_values_of_any_number_type(value) -> None:
+    assert check_int(value, "n") == int(value)
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, float("nan"), float("inf"), True, "3", None])
+def test_check_int_refuses_everything_else(value) -> None:
+    with pytest.raises(ValueError, match=f"n must be a positive integer, got {value!r}"):
+        check_int(value, "n")
+
+
+@pytest.mark.parametrize("shape", [(2, 3), [4], torch.Size([1, 3, 8, 8]), (np.int64(2), 2)])
+def test_check_shape_accepts_shapes_of_positive_integers(shape) -> None:
+    assert check_shape(shape) == tuple(int(n) for n in shape)
+
+
+@pytest.mark.parametrize("device", ["cpu", torch.device("cpu"), "meta"])
+def test_check_device_accepts_devices_this_machine_has(device) -> None:
+    assert check_device(device) == torch.device(device)

@@ -83,7 +83,7 @@ def test_bad_input_names_the_problem():
     score = RING.score_fn(sde)
     with pytest.raises(ValueError, match=r"valid choices .*dpm_solver, unipc"):
         tune_grid(score, sde, "euler_maruyama", 5)
-    with pytest.raises(ValueError, match="positive integers"):
+    with pytest.raises(ValueError, match="steps must be a positive integer, got 0"):
         tune_grid(score, sde, "unipc", 0)
     with pytest.raises(ValueError, match="reference has shape"):
         tune_grid(score, sde, "unipc", 3, (8, 2), reference=torch.zeros(4, 2))

@@ -8,17 +8,27 @@ unless called with `noise_last=True`, which callers that step a grid one interva
 (inpainting) pass; the ancestral samplers (ddpm, ddim) draw noise on every step, as the chain does.
 A solver that cannot work on an SDE raises IncompatibleSDEError, so sweeps can report the
 combination as invalid rather than failed.
+
+`register` wraps each solver in `check_solver_call`, so a solver called directly is as safe as
+`sample()`: its score_fn, SDE, state, grid and parameter names are checked once per call.
+`sample()` and `inpaint` check the same things themselves (resolving or building the grid) and
+run the unchecked function through `SolverSpec.run`, so nothing is checked twice or per step.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from .._tensor import check_batch, check_callable, check_choice, check_keywords
+from ..sde import SDE, check_sde
+from .grids import check_grid
 
 NoiseSource = Callable[[Tensor], Tensor]
 Callback = Callable[[int, Tensor, Tensor], None]
@@ -35,6 +45,31 @@ class SolverSpec:
     default_grid: str
     stochastic: bool
     grid_sets_nfe: bool = True
+    #: fn without its argument checks, for callers that made them (None: fn checks nothing)
+    unchecked: Callable[..., Tensor] | None = field(default=None, repr=False, compare=False)
+
+    @functools.cached_property
+    def params(self) -> tuple[str, ...]:
+        """The parameters a caller may set by name (order, eta, ...): every keyword-only one but
+        the `callback` and `noise` that `sample()` supplies."""
+        return tuple(p for p in keyword_parameters(self.fn) if p not in ("callback", "noise"))
+
+    @functools.cached_property
+    def takes_any_params(self) -> bool:
+        """Whether fn takes **params, and so any name."""
+        kinds = {p.kind for p in inspect.signature(self.fn).parameters.values()}
+        return inspect.Parameter.VAR_KEYWORD in kinds
+
+    def check_params(self, params: Mapping[str, object]) -> None:
+        """Refuse parameters the solver does not take, naming them and `params`."""
+        if not self.takes_any_params:
+            check_keywords(f"solver {self.name!r}", params, self.params)
+
+    def run(
+        self, score_fn: Callable[..., Tensor], sde: SDE, x: Tensor, ts: Tensor, **params: object
+    ) -> Tensor:
+        """Call the solver on arguments the caller has checked (`check_solver_call`)."""
+        return (self.unchecked or self.fn)(score_fn, sde, x, ts, **params)
 
 
 SOLVERS: dict[str, SolverSpec] = {}
@@ -47,20 +82,53 @@ class IncompatibleSDEError(ValueError):
 def register(
     name: str, default_grid: str = "uniform", grid_sets_nfe: bool = True
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
-    """Add a solver function to the registry under `name`."""
+    """Add a solver function to the registry under `name`; it is returned wrapped in
+    `check_solver_call` (same name, signature and docstring)."""
 
     def wrap(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        stochastic = "noise" in inspect.signature(fn).parameters
-        SOLVERS[name] = SolverSpec(name, fn, default_grid, stochastic, grid_sets_nfe)
-        return fn
+        valid = keyword_parameters(fn)
+
+        @functools.wraps(fn)
+        def checked(
+            score_fn: Callable[..., Tensor], sde: SDE, x: Tensor, ts: Tensor, **params: object
+        ) -> Tensor:
+            check_solver_call(name, valid, score_fn, sde, x, ts, params)
+            return fn(score_fn, sde, x, ts, **params)
+
+        stochastic = "noise" in valid
+        SOLVERS[name] = SolverSpec(name, checked, default_grid, stochastic, grid_sets_nfe, fn)
+        return checked
 
     return wrap
 
 
+def keyword_parameters(fn: Callable[..., Tensor]) -> tuple[str, ...]:
+    """The keyword-only parameters of a solver function, in order."""
+    kinds = inspect.signature(fn).parameters.items()
+    return tuple(n for n, p in kinds if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+def check_solver_call(
+    name: str,
+    valid: Sequence[str],
+    score_fn: object,
+    sde: object,
+    x: object,
+    ts: object,
+    params: Mapping[str, object],
+) -> None:
+    """The contract every solver call meets: a callable score_fn, an SDE instance, a finite
+    floating state of shape (batch >= 1, *dims), a valid time grid (`grids.check_grid`) and
+    only parameters the solver takes (the error lists them)."""
+    check_keywords(f"solver {name!r}", params, valid)
+    check_callable(score_fn, "score_fn")
+    check_grid(ts, check_sde(sde))  # type: ignore[arg-type]
+    check_batch(x, "x")
+
+
 def get_solver(name: str) -> SolverSpec:
     """Look a solver up by name; the error lists the valid names."""
-    if name not in SOLVERS:
-        raise ValueError(f"unknown solver {name!r}; valid choices: {', '.join(sorted(SOLVERS))}")
+    check_choice("solver", name, sorted(SOLVERS))
     return SOLVERS[name]
 
 
@@ -85,12 +153,17 @@ def per_sample_noise(seeds: Sequence[int]) -> NoiseSource:
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
 
     def noise(like: Tensor) -> Tensor:
-        if like.shape[0] != len(gens):
-            raise ValueError(f"{len(gens)} seeds for a batch of {like.shape[0]}")
+        check_seeds(seeds, like.shape[0])
         z = torch.stack([torch.randn(like.shape[1:], generator=g, dtype=like.dtype) for g in gens])
         return z.to(like.device)
 
     return noise
+
+
+def check_seeds(seeds: Sequence[int], batch: int) -> None:
+    """Per-sample seeds must number one per sample of the batch."""
+    if len(seeds) != batch:
+        raise ValueError(f"got {len(seeds)} seeds for a batch of {batch}: need one per sample")
 
 
 def steps(ts: Tensor) -> enumerate[tuple[Tensor, Tensor]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._tensor import check_choice
 from ..sde import SDE, SDE_NAMES, ScoreFn, VPFamilySDE
 from ._registry import Callback, IncompatibleSDEError, NoiseSource, at, register, steps
 
@@ -56,8 +57,7 @@ def ddpm(
     does with fewer inference steps).
     """
     _check_vp(sde)
-    if variance not in VARIANCES:
-        raise ValueError(f"unknown variance {variance!r}; valid choices: {', '.join(VARIANCES)}")
+    check_choice("variance", variance, VARIANCES)
     gamma, sigma = sde.marginal(ts)
     alpha = (gamma[:-1] / gamma[1:]) ** 2
     beta = 1 - alpha

@@ -6,10 +6,13 @@ any user-supplied decreasing tensor) drives any solver.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from ..sde import SDE
+from .._tensor import check_choice, check_int, check_positive, describe, time_tolerance
+from ..sde import SDE, check_sde
 
 GRIDS = ("uniform", "log_snr", "edm", "quadratic")
 
@@ -31,10 +34,10 @@ def time_grid(
     edm:       Karras et al. (2022) eq. 5 on the noise level sigma_t / gamma_t, exponent rho.
     quadratic: t spaced as squares, denser near t_end (DDIM's "quad" spacing).
     """
-    if kind not in GRIDS:
-        raise ValueError(f"unknown grid {kind!r}; valid choices: {', '.join(GRIDS)}")
-    if int(steps) != steps or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps}")
+    check_sde(sde)
+    check_choice("grid", kind, GRIDS)
+    steps = check_int(steps, "steps")
+    check_positive(rho, "rho")
     t0 = float(sde.T if t_start is None else t_start)
     t1 = float(sde.t_min if t_end is None else t_end)
     if not 0 < t1 < t0 <= sde.T:
@@ -58,24 +61,31 @@ def time_grid(
     return ts
 
 
-def check_grid(ts: Tensor, sde: SDE) -> Tensor:
-    """Validate a user-supplied grid: 1-D, at least two points, strictly decreasing, inside (0, T]."""
-    ts = torch.as_tensor(ts, dtype=torch.float64).detach().cpu()
+def check_grid(ts: Tensor, sde: SDE, name: str = "ts") -> Tensor:
+    """Validate a time grid: a 1-D tensor of at least two points, finite, strictly decreasing,
+    inside (0, T]; return it as float64 on the host.
+
+    The one check of every grid a solver runs on, whether `sample` resolved it or the solver was
+    called directly (an increasing grid would otherwise give NaN samples, not an error). It reads
+    the grid on the host once per call, never per step.
+    """
+    if not isinstance(ts, Tensor):
+        raise TypeError(f"{name} must be a 1-D torch.Tensor of times, got {describe(ts)}")
     if ts.ndim != 1 or ts.numel() < 2:
+        raise ValueError(f"{name} must be 1-D with at least 2 points, got shape {tuple(ts.shape)}")
+    ts = ts.detach().to("cpu", torch.float64)
+    times = ts.tolist()
+    if not all(math.isfinite(t) for t in times):
+        raise ValueError(f"{name} contains NaN or inf: {times}")
+    k = next((k for k in range(len(times) - 1) if times[k + 1] >= times[k]), None)
+    if k is not None:
         raise ValueError(
-            f"a time grid must be 1-D with at least 2 points, got shape {tuple(ts.shape)}"
+            f"{name} must strictly decrease (T -> t_min); {name}[{k}]={times[k]} "
+            f"is followed by {name}[{k + 1}]={times[k + 1]}"
         )
-    if not bool(torch.isfinite(ts).all()):
-        raise ValueError("the time grid contains NaN or inf")
-    if bool((ts[1:] >= ts[:-1]).any()):
-        k = int(torch.nonzero(ts[1:] >= ts[:-1])[0])
+    if times[-1] <= 0 or times[0] > sde.T + time_tolerance(sde.T):
         raise ValueError(
-            f"the time grid must strictly decrease (T -> t_min); ts[{k}]={ts[k].item()} "
-            f"is followed by ts[{k + 1}]={ts[k + 1].item()}"
-        )
-    if ts[-1] <= 0 or ts[0] > sde.T * (1 + 1e-9):
-        raise ValueError(
-            f"grid times must lie in (0, T = {sde.T}], got [{ts[-1].item()}, {ts[0].item()}]"
+            f"{name} times must lie in (0, T = {sde.T}], got [{times[-1]}, {times[0]}]"
         )
     return ts
 
@@ -109,7 +119,8 @@ def resolve_grid(
     named kind (or `default`, the solver's own) down to t_end (default: t_min, or with
     `denoise`, `final_time(sde, steps)`)."""
     if isinstance(grid, Tensor):
-        return check_grid(grid, sde)
+        return check_grid(grid, sde, "grid")
+    steps = check_int(steps, "steps")
     if t_end is None and denoise:
         t_end = final_time(sde, steps)
     return time_grid(sde, steps, grid or default, t_end=t_end)

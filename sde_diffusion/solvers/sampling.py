@@ -10,10 +10,25 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._tensor import check_finite, is_finite
+from .._tensor import (
+    check_batch,
+    check_callable,
+    check_device,
+    check_float_dtype,
+    check_shape,
+    describe,
+    is_finite,
+)
 from ..parametrize import tweedie_x0
-from ..sde import SDE, ScoreFn
-from ._registry import SolverSpec, generator_noise, get_solver, per_sample_noise
+from ..sde import SDE, ScoreFn, check_sde
+from ._registry import (
+    NoiseSource,
+    SolverSpec,
+    check_seeds,
+    generator_noise,
+    get_solver,
+    per_sample_noise,
+)
 from .grids import resolve_grid
 
 __all__ = ["SampleResult", "sample"]
@@ -80,22 +95,26 @@ def sample(
         while that is above t_min, so that the Tweedie jump to t = 0 is half a grid step.
     denoise: finish with the Tweedie step x0 = (x + sigma^2 s(x, t_end)) / gamma (one more NFE).
     generator / seeds: noise from one generator for the batch, or per-sample seeds so that each
-        sample's trajectory depends on its own seed only.
+        sample's trajectory depends on its own seed only (not both).
     return_info: return a SampleResult with the NFE (counted, never computed), the grid and,
         with return_trajectory, the state after every step.
     """
+    check_callable(score_fn, "score_fn")
+    check_sde(sde)
     spec = get_solver(solver) if isinstance(solver, str) else solver
+    if not isinstance(spec, SolverSpec):
+        raise TypeError(f"solver must be a solver name or a SolverSpec, got {describe(solver)}")
+    spec.check_params(solver_params)
+    if seeds is not None and generator is not None:
+        raise ValueError(
+            "seeds and generator conflict: pass seeds (one generator per sample) or generator "
+            "(one for the batch), not both"
+        )
     ts = resolve_grid(sde, grid, steps, spec.default_grid, t_end, denoise and spec.grid_sets_nfe)
     noise = per_sample_noise(seeds) if seeds is not None else generator_noise(generator)
-    if isinstance(shape_or_x_T, Tensor):
-        x = shape_or_x_T
-        check_finite(x, "x_T")
-    else:
-        shape = tuple(int(n) for n in shape_or_x_T)
-        if seeds is not None and len(seeds) != shape[0]:
-            raise ValueError(f"got {len(seeds)} seeds for a batch of {shape[0]}")
-        like = torch.empty(shape, device=device, dtype=dtype or torch.get_default_dtype())
-        x = sde.prior_std() * noise(like)
+    x = initial_state(sde, shape_or_x_T, noise, device, dtype)
+    if seeds is not None:
+        check_seeds(seeds, x.shape[0])
     counted = _CountedScore(score_fn)
     trajectory: list[Tensor] = [x] if return_trajectory else []
     bar = tqdm(total=len(ts) - 1, desc=spec.name, disable=not progress, leave=False)
@@ -110,7 +129,7 @@ def sample(
     if spec.stochastic:
         params["noise"] = noise
     with bar:
-        x = spec.fn(counted, sde, x, ts.to(x.device, x.dtype), **params)
+        x = spec.run(counted, sde, x, ts.to(x.device, x.dtype), **params)
     if denoise:
         t = ts[-1].to(x.device, x.dtype).expand(x.shape[0])
         x = tweedie_x0(x, t, counted(x, t), sde)
@@ -119,3 +138,28 @@ def sample(
     if not return_info:
         return x
     return SampleResult(samples=x, nfe=counted.nfe, ts=ts, trajectory=trajectory)
+
+
+def initial_state(
+    sde: SDE,
+    shape_or_x_T: Sequence[int] | Tensor,
+    noise: NoiseSource,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+    names: tuple[str, str] = ("shape", "x_T"),
+) -> Tensor:
+    """x_T as given (checked: a finite floating batch, and device / dtype, when given, must be
+    its own), or drawn from the SDE's prior with `noise` in the given (checked) shape, device
+    and dtype. names: what the caller calls a shape and a state, for the messages."""
+    dev = None if device is None else check_device(device)
+    dt = None if dtype is None else check_float_dtype(dtype)
+    if not isinstance(shape_or_x_T, Tensor):
+        shape = check_shape(shape_or_x_T, names[0])
+        like = torch.empty(shape, device=dev, dtype=dt or torch.get_default_dtype())
+        return sde.prior_std() * noise(like)
+    x = check_batch(shape_or_x_T, names[1])
+    if dev is not None and (dev.type, dev.index or 0) != (x.device.type, x.device.index or 0):
+        raise ValueError(f"device {str(dev)!r} conflicts with {names[1]} on {x.device}: pass one")
+    if dt is not None and dt != x.dtype:
+        raise ValueError(f"dtype {dt} conflicts with {names[1]} of dtype {x.dtype}: pass one")
+    return x

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._tensor import check_choice, check_int, check_positive
 from ..sde import SDE, ScoreFn
 from ._registry import Callback, NoiseSource, at, register, steps
 
@@ -92,12 +93,9 @@ def predictor_corrector(
     predictor: "reverse_diffusion" (default, as in score_sde) or "euler_maruyama"; as for
     Euler–Maruyama, the last predictor step adds no noise unless `noise_last`.
     """
-    if predictor not in PREDICTORS:
-        raise ValueError(f"unknown predictor {predictor!r}; valid choices: {', '.join(PREDICTORS)}")
-    if n_corrector < 0 or int(n_corrector) != n_corrector:
-        raise ValueError(f"n_corrector must be an integer >= 0, got {n_corrector}")
-    if snr <= 0:
-        raise ValueError(f"snr must be > 0, got {snr}")
+    check_choice("predictor", predictor, PREDICTORS)
+    check_int(n_corrector, "n_corrector", 0)
+    check_positive(snr, "snr")
     step = _euler_maruyama_step if predictor == "euler_maruyama" else _reverse_diffusion_step
     last = len(ts) - 2 if not noise_last else -1
     for i, (t, s) in steps(ts):

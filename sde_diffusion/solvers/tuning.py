@@ -25,11 +25,11 @@ from scipy.optimize import minimize
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._tensor import check_finite
-from ..sde import SDE, ScoreFn
-from ._registry import SOLVERS, get_solver
+from .._tensor import check_callable, check_int
+from ..sde import SDE, ScoreFn, check_sde
+from ._registry import SOLVERS, generator_noise, get_solver
 from .grids import resolve_grid
-from .sampling import sample
+from .sampling import initial_state, sample
 
 #: the reference flow of the pilot: dopri5 at this relative and absolute tolerance
 REFERENCE_TOL = 1e-5
@@ -103,19 +103,16 @@ def tune_grid(
     the Tweedie step, as `sample`'s default. Only deterministic solvers that step on the grid
     can be tuned (`tunable_solvers()`): a stochastic one has no flow to be brought close to.
     """
+    check_callable(score_fn, "score_fn")
+    check_sde(sde)
     if solver not in tunable_solvers():
         raise UntunableSolverError(
             f"cannot tune a grid for solver {solver!r}; valid choices (deterministic, stepping "
             f"on the grid): {', '.join(tunable_solvers())}"
         )
-    if int(steps) != steps or steps < 1 or trials < 1:
-        raise ValueError(f"steps and trials must be positive integers, got {steps}, {trials}")
-    if isinstance(pilot, Tensor):
-        x_T = pilot
-        check_finite(x_T, "pilot")
-    else:
-        shape = tuple(int(n) for n in pilot)
-        x_T = sde.prior_std() * torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    steps, trials = check_int(steps, "steps"), check_int(trials, "trials")
+    get_solver(solver).check_params(solver_params)
+    x_T = initial_state(sde, pilot, generator_noise(generator), device, dtype, ("pilot", "pilot"))
     nfe = 0
     if reference is None:
         tol = {"rtol": REFERENCE_TOL, "atol": REFERENCE_TOL}
