@@ -173,7 +173,7 @@ def check_device(device: object, name: str = "device") -> torch.device:
     if dev.type == "cuda":
         usable = (dev.index or 0) < torch.cuda.device_count()
     elif dev.type == "mps":
-        usable = _mps_available()
+        usable = mps_available()
     else:
         usable = True  # cpu, and device types this package does not know (torch checks them)
     if not usable:
@@ -186,10 +186,10 @@ def check_device(device: object, name: str = "device") -> torch.device:
 def available_devices() -> list[str]:
     """The devices this torch build and machine offer: cpu, cuda:0..N-1, mps."""
     cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    return ["cpu", *cuda, *(["mps"] if _mps_available() else [])]
+    return ["cpu", *cuda, *(["mps"] if mps_available() else [])]
 
 
-def _mps_available() -> bool:
+def mps_available() -> bool:
     return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._tensor import check_device
+from ._tensor import check_device, mps_available
 from .checkpoint import (
     checkpoint_path,
     latest_checkpoint,
@@ -155,28 +155,13 @@ class TrainConfig:
 
 
 def resolve_device(name: str, key: str = "train.device") -> torch.device:
-    """'auto' picks cuda (this rank's LOCAL_RANK), then mps, then cpu; else torch.device(name),
-    checked to exist here (errors name the config `key`)."""
+    """'auto' picks cuda (this rank's LOCAL_RANK), then mps, then cpu; else the named device,
+    checked to exist here (errors name the config `key` and the devices available)."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(
-            f"unknown {key} {name!r}; valid choices: auto, cpu, cuda, cuda:N, mps"
-        ) from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{key} = {name!r} but CUDA is not available; use 'auto' or 'cpu'")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(
-            f"{key} = {name!r} but this machine has {torch.cuda.device_count()} CUDA device(s): "
-            f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
-        )
-    return device
+        return torch.device("mps" if mps_available() else "cpu")
+    return check_device(name, key)
 
 
 def _dist() -> tuple[int, int]:

@@ -145,5 +145,7 @@ def test_bad_input():
         inpaint_mask("star", (1, 8, 8))
     with pytest.raises(ValueError, match="fraction must lie in"):
         inpaint_mask("random", (1, 8, 8), fraction=1.5)
-    with pytest.raises(ValueError, match=r"shape must be \(C, H, W\)"):
+    with pytest.raises(
+        ValueError, match=r"mask is for images of shape \(C, H, W\); got data of shape \(8, 8\)"
+    ):
         inpaint_mask("half", (8, 8))
