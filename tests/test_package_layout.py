@@ -84,3 +84,17 @@ def test_the_command_line_names_its_apps():
     assert "unknown app 'smaple'" in bad.stderr and "train, sample, report" in bad.stderr
     report = subprocess.run([*run, "report", "--help"], capture_output=True, text=True)
     assert report.returncode == 0 and "sde-diffusion report" in report.stdout
+
+
+def test_the_console_script_is_the_same_command_line():
+    """`sde-diffusion` (installed by pyproject's [project.scripts]) runs the same dispatcher."""
+    script = Path(sys.executable).parent / "sde-diffusion"
+    assert script.is_file(), "the package is installed without its console script"
+    listed = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+    assert listed.returncode == 0 and "usage: sde-diffusion <app>" in listed.stdout
+    bad = subprocess.run([str(script), "sample", "sde=foo"], capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert (
+        bad.stderr.strip()
+        == "error: unknown sde=foo; valid choices: ddpm, subvp, ve, vp, vp_cosine"
+    )
