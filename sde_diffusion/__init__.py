@@ -15,6 +15,7 @@ from .parametrize import (
     sde_from_scheduler_config,
     tweedie_x0,
 )
+from .precondition import Preconditioned, estimate_sigma_data
 from .sde import (
     SDE,
     VESDE,
@@ -40,6 +41,7 @@ __all__ = [
     "DiscreteSchedule",
     "DiscreteVPSDE",
     "GaussianMixture",
+    "Preconditioned",
     "SampleResult",
     "ScoreFn",
     "SubVPSDE",
@@ -50,6 +52,7 @@ __all__ = [
     "classifier_guided_score_fn",
     "ddpm_bound",
     "eps_to_prediction",
+    "estimate_sigma_data",
     "get_sde",
     "inpaint",
     "load_model",
