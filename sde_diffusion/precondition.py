@@ -30,8 +30,8 @@ dominates the loss, and the network's input c_in x and output target are both un
 noise c_skip -> 0 and c_out -> sd, so D is sd F: bounded, where the eps-network must reproduce
 x / sigma (an identity it has to extrapolate for prior-tail starts).
 
-Every kind is turned back into eps = p x + q F (p = (1 - gamma c_skip)/sigma,
-q = -gamma c_out/sigma, both in closed form below, free of cancellation), so a `Preconditioned`
+Every kind is turned back into eps = eps_x x + eps_f F (eps_x = (1 - gamma c_skip)/sigma,
+eps_f = -gamma c_out/sigma, both in closed form below, free of cancellation), so a `Preconditioned`
 module is an eps-model like any other: `model_score_fn(module, sde, "eps")`, classifier-free
 guidance, inpainting and likelihood take it unchanged.
 """
