@@ -143,7 +143,8 @@ def dsm_loss(
     c = net.coefficients(t)
     if cfg.weighting != "simple":
         w = w * c.eps_f.square()  # ||eps_theta - eps||^2 = eps_f^2 ||F - F*||^2
-    pred = net.raw(xt, t, coeffs=c, **kwargs).to(noise.dtype)  # bf16 autocast: reduce in x0's dtype
+    # bf16 autocast outputs: reduce in x0's dtype
+    pred = net.raw(xt, t, coeffs=c, **kwargs).to(noise.dtype)
     target = net.target(x0, noise, t, coeffs=c)
     per_sample = (pred - target).square().reshape(x0.shape[0], -1).mean(dim=1)
     return (w * per_sample).mean()

@@ -171,7 +171,7 @@ class Preconditioned(nn.Module):
         return append_dims(c.c_skip, x.ndim) * x + append_dims(c.c_out, x.ndim) * f
 
     def forward(self, x: Tensor, t: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        """eps_theta(x, t) = eps_x x + eps_f F, so score = -eps / sigma_t = (gamma D - x)/sigma^2."""
+        """eps_theta(x, t) = eps_x x + eps_f F; score = -eps/sigma_t = (gamma D - x)/sigma^2."""
         c = self.coefficients(self._time(x, t))
         f = self.raw(x, t, *args, coeffs=c, **kwargs)
         if self.param == "eps":

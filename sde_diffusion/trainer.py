@@ -3,9 +3,9 @@
 `Trainer(model, sde, data, cfg, loss)` takes plain objects (no Hydra): a network name and its
 keyword arguments (or any nn.Module), an SDE, a DataSplit, a TrainConfig and a LossConfig. The
 keyword `param` (eps, x0, v or edm; precondition.py) says what the network is trained to predict;
-for edm, sigma_data is estimated from the training data. Both go into every checkpoint, and
-load_model / load_score_fn rebuild the same model from them. `fit()` trains to cfg.steps, resuming from the newest checkpoint in
-`out_dir/checkpoints` when cfg.resume is set.
+sigma_data (edm's data scale) is estimated from the training data. Both go into every checkpoint,
+and load_model / load_score_fn rebuild the same model from them. `fit()` trains to cfg.steps,
+resuming from the newest checkpoint in `out_dir/checkpoints` when cfg.resume is set.
 
 Exact resume on CPU: the checkpoint at step k holds the weights, EMA weights, AdamW state, the
 noise generator's state and the global RNG state; the learning rate is a function of the step and
