@@ -10,9 +10,9 @@ narrow one (--nfe 5 10 20) can be widened later. `--tuned unipc` adds that solve
 to the checkpoint (`solver.grid=tuned`, at NFE <= 20, pilot of --pilot prior draws; the fit's cost
 is in each run's metrics.json).
 
-    sde-diffusion train hydra.run.dir=outputs/swiss                         # ~1 min CPU
+    sde-diffusion train hydra.run.dir=outputs/swiss                         # ~2 min CPU
     python benchmarks/steps_vs_quality_trained.py \\
-        --ckpt outputs/swiss/checkpoints/step_00002000.safetensors --out outputs/bench_swiss
+        --ckpt outputs/swiss/checkpoints/step_00003000.safetensors --out outputs/bench_swiss
     sde-diffusion train model=unet data=digits train=digits model.class_cond=true \\
         hydra.run.dir=outputs/digits                                           # ~25 min CPU
     python benchmarks/steps_vs_quality_trained.py --ckpt <digits ckpt> --metric frechet_distance \\

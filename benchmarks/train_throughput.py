@@ -78,7 +78,10 @@ def trainer_run(
             keep_last=1,
             sample_every=-1, device=str(device), tensorboard=False,
         )  # fmt: skip
-        tr = Trainer(name, get_sde("vp"), data, cfg, out_dir=out, model_kwargs=kwargs)
+        # the hand loop trains an eps-network: the Trainer does the same work
+        tr = Trainer(
+            name, get_sde("vp"), data, cfg, out_dir=out, model_kwargs=kwargs | {"param": "eps"}
+        )
         tic = time.perf_counter()
         tr.fit()
         return steps / (time.perf_counter() - tic)

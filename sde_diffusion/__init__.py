@@ -16,6 +16,7 @@ from .parametrize import (
     sde_from_scheduler_config,
     tweedie_x0,
 )
+from .precondition import Preconditioned, estimate_sigma_data
 from .sde import (
     SDE,
     VESDE,
@@ -41,6 +42,7 @@ __all__ = [
     "DiscreteSchedule",
     "DiscreteVPSDE",
     "GaussianMixture",
+    "Preconditioned",
     "SampleResult",
     "ScoreFn",
     "SubVPSDE",
@@ -51,6 +53,7 @@ __all__ = [
     "classifier_guided_score_fn",
     "ddpm_bound",
     "eps_to_prediction",
+    "estimate_sigma_data",
     "get_sde",
     "inpaint",
     "load_model",

@@ -1,8 +1,9 @@
 """Checkpoints in one safetensors file, written atomically, loadable without pickle.
 
 A checkpoint holds every tensor the run needs under a prefix (model/, ema/, optim/, rng/) and a
-JSON document in the safetensors metadata: the step, how to rebuild the network and the SDE, the
-optimizer's non-tensor state and the resolved config. Nothing is unpickled on load, so a
+JSON document in the safetensors metadata: the step, how to rebuild the network and the SDE, what
+the network predicts ("param": eps, x0, v or edm, and edm's "sigma_data"; a checkpoint without
+them holds an eps-network), the optimizer's non-tensor state and the resolved config. Nothing is unpickled on load, so a
 checkpoint from an untrusted source cannot run code.
 
 Writes go to a temporary file in the same folder, are flushed to disk, then renamed over the

@@ -18,6 +18,12 @@ g^2 / sigma^2 on [t_min, T] is therefore drawing lambda uniformly on [lambda_T, 
 and the unbiased estimate of the same objective is
 
     2 (lambda_{t_min} - lambda_T) / (T - t_min) * ||eps - eps_theta||^2 / D.
+
+Other parametrisations (precondition.py: x0, v, EDM's preconditioned denoiser) regress their raw
+output F on its target F*, with eps_theta - eps = eps_f(t) (F - F*). The simple weighting is each
+parametrisation's own unweighted MSE ||F - F*||^2 (DDPM's eps-MSE, the x0- or v-MSE, and for
+EDM its weighting lambda = 1/c_out^2, under which the target has unit variance at every t); the
+likelihood and score weightings keep their meaning on the score, w eps_f^2 ||F - F*||^2.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .precondition import Preconditioned
 from .sde import SDE
 
 WEIGHTINGS = ("simple", "likelihood", "score")
@@ -110,7 +117,10 @@ def dsm_loss(
     t: Tensor | None = None,
     noise: Tensor | None = None,
 ) -> Tensor:
-    """The DSM loss of an eps-predicting `model(x, t[, y])` on the batch x0 (a scalar).
+    """The DSM loss of `model` on the batch x0 (a scalar).
+
+    model: an eps-predicting model(x, t[, y]), or a Preconditioned network, whose raw output is
+    regressed on its own target (module docstring).
 
     t and noise are drawn with `generator` unless given (tests fix them; a given t is weighted
     as under uniform sampling). With labels, each is replaced by the null label num_classes with
@@ -129,6 +139,12 @@ def dsm_loss(
     if labels is not None:
         drop = torch.rand(labels.shape, generator=generator, device=labels.device) < cfg.p_uncond
         kwargs["y"] = torch.where(drop, torch.full_like(labels, num_classes), labels)
-    eps = model(xt, t, **kwargs).to(noise.dtype)  # bf16 autocast outputs: reduce in x0's dtype
-    per_sample = (eps - noise).square().reshape(x0.shape[0], -1).mean(dim=1)
+    net = model if isinstance(model, Preconditioned) else Preconditioned(model, sde, "eps")
+    c = net.coefficients(t)
+    if cfg.weighting != "simple":
+        w = w * c.eps_f.square()  # ||eps_theta - eps||^2 = eps_f^2 ||F - F*||^2
+    # bf16 autocast outputs: reduce in x0's dtype
+    pred = net.raw(xt, t, coeffs=c, **kwargs).to(noise.dtype)
+    target = net.target(x0, noise, t, coeffs=c)
+    per_sample = (pred - target).square().reshape(x0.shape[0], -1).mean(dim=1)
     return (w * per_sample).mean()

@@ -1,9 +1,11 @@
 """The training loop: AdamW with warm-up, gradient clipping, EMA, logging, checkpoints, DDP.
 
 `Trainer(model, sde, data, cfg, loss)` takes plain objects (no Hydra): a network name and its
-keyword arguments (or any eps-predicting nn.Module), an SDE, a DataSplit, a TrainConfig and a
-LossConfig. `fit()` trains to cfg.steps, resuming from the newest checkpoint in
-`out_dir/checkpoints` when cfg.resume is set.
+keyword arguments (or any nn.Module), an SDE, a DataSplit, a TrainConfig and a LossConfig. The
+keyword `param` (eps, x0, v or edm; precondition.py) says what the network is trained to predict;
+sigma_data (edm's data scale) is estimated from the training data. Both go into every checkpoint,
+and load_model / load_score_fn rebuild the same model from them. `fit()` trains to cfg.steps,
+resuming from the newest checkpoint in `out_dir/checkpoints` when cfg.resume is set.
 
 Exact resume on CPU: the checkpoint at step k holds the weights, EMA weights, AdamW state, the
 noise generator's state and the global RNG state; the learning rate is a function of the step and
@@ -51,6 +53,7 @@ from .figures import save_sample_figure
 from .losses import LossConfig, dsm_loss
 from .nets import build_model
 from .parametrize import model_score_fn
+from .precondition import DEFAULT_PARAM, Preconditioned, estimate_sigma_data
 from .sde import SDE, ScoreFn
 from .solvers import sample
 
@@ -178,11 +181,14 @@ def _init_distributed(device: torch.device) -> None:
 
 
 class Trainer:
-    """Train an eps-predicting network with denoising score matching.
+    """Train a network with denoising score matching.
 
     model: a network name from sde_diffusion.nets (built here for data.shape, seeded by cfg.seed,
     class-conditional when model_kwargs has class_cond=True and the data has labels; such
-    checkpoints load back with load_score_fn), or any nn.Module model(x, t[, y]) -> eps.
+    checkpoints load back with load_score_fn), or any nn.Module model(x, t[, y]).
+    model_kwargs["param"] (default DEFAULT_PARAM) is what the network predicts: eps, x0, v or edm
+    (EDM's preconditioning, with sigma_data estimated from data.train); self.ema_precond is the
+    EMA network in that parametrisation as an eps-model.
     out_dir receives checkpoints/, metrics.csv, tb/ and samples/. config: the resolved config to
     store in checkpoints beside this trainer's own settings.
     """
@@ -209,8 +215,10 @@ class Trainer:
                 f"{self.world} processes"
             )
         self.config = dict(config or {})
+        kwargs = dict(model_kwargs or {})
+        self.param = str(kwargs.pop("param", DEFAULT_PARAM))
+        self.sigma_data = estimate_sigma_data(data.train)
         if isinstance(model, str):
-            kwargs = dict(model_kwargs or {})
             cond = bool(kwargs.pop("class_cond", False)) and data.num_classes > 0
             self.model_spec: dict | None = {
                 "name": model,
@@ -245,7 +253,9 @@ class Trainer:
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.net = torch.compile(net) if self.cfg.compile else net
+        net = torch.compile(net) if self.cfg.compile else net
+        self.net = Preconditioned(net, sde, self.param, self.sigma_data)
+        self.ema_precond = Preconditioned(self.ema_model, sde, self.param, self.sigma_data)
         self.step = 0
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.last_checkpoint: Path | None = None
@@ -267,7 +277,9 @@ class Trainer:
         tensors |= opt_tensors | self._rng_tensors()
         meta = {
             "step": self.step,
-            "prediction": "eps",
+            "prediction": "eps",  # of the module load_model returns
+            "param": self.param,
+            "sigma_data": self.sigma_data,
             "model": self.model_spec,
             "sde": sde_spec(self.sde),
             "optim": opt_rest,
@@ -491,7 +503,7 @@ class Trainer:
     def score_fn(self, labels: Tensor | None = None) -> ScoreFn:
         """The EMA network as a score_fn(x, t) (labels: class conditioning, else the null label)."""
         kwargs = {"y": labels} if labels is not None else {}
-        return model_score_fn(self.ema_model, self.sde, "eps", "t", model_kwargs=kwargs)
+        return model_score_fn(self.ema_precond, self.sde, "eps", "t", model_kwargs=kwargs)
 
     @torch.no_grad()
     def sample(
@@ -535,7 +547,12 @@ class Trainer:
 def load_model(
     path: str | Path, device: torch.device | str | None = None, ema: bool = True
 ) -> tuple[nn.Module, SDE, dict]:
-    """Rebuild a checkpoint's network with its EMA (or raw) weights: (model, sde, meta)."""
+    """Rebuild a checkpoint's model with its EMA (or raw) weights: (model, sde, meta).
+
+    The model is the network in the checkpoint's parametrisation (meta "param", "sigma_data") as
+    a Preconditioned eps-model, so model(x, t[, y]) is eps whatever the network predicts
+    (meta["prediction"] says so). Checkpoints without "param" hold eps-networks.
+    """
     tensors, meta = load_checkpoint(path)
     spec = meta.get("model")
     if spec is None:
@@ -547,7 +564,9 @@ def load_model(
     prefix = "ema/" if ema else "model/"
     model.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
     dev = check_device(device) if device is not None else resolve_device("auto")
-    return model.to(dev).eval().requires_grad_(False), sde_from_spec(meta["sde"]), meta
+    sde = sde_from_spec(meta["sde"])
+    model = Preconditioned(model, sde, meta.get("param", "eps"), meta.get("sigma_data", 1.0))
+    return model.to(dev).eval().requires_grad_(False), sde, meta
 
 
 def load_score_fn(

@@ -49,6 +49,7 @@ def test_defaults_and_groups_compose():
         (["train.lr=-0.1"], r"train.lr must be a finite number > 0, got -0.1"),
         (["data.name=cifar"], r"unknown dataset 'cifar'; valid choices: swiss_roll"),
         (["model.time_embedding=rff"], r"valid choices: sinusoidal, fourier"),
+        (["model.param=score"], r"unknown model.param 'score'; valid choices: eps, x0, v, edm"),
     ],
 )
 def test_bad_configs_fail_with_clear_messages(overrides, match):
@@ -69,6 +70,7 @@ def test_app_trains_and_writes_a_loadable_checkpoint(tmp_path):
     _, sde, meta = load_score_fn(trainer.last_checkpoint, device="cpu")
     assert meta["step"] == 6 and meta["config"]["data"]["name"] == "two_moons"
     assert meta["config"]["train"]["steps"] == 6 and type(sde).__name__ == "VPSDE"
+    assert meta["param"] == "edm" and meta["sigma_data"] == pytest.approx(trainer.sigma_data)
 
 
 def test_keys_under_a_swept_group_are_left_to_hydra():

@@ -15,6 +15,7 @@ import torch
 
 from ..nets import NETS, TIME_EMBEDDINGS
 from ..oracle import GaussianMixture
+from ..precondition import DEFAULT_PARAM, PARAMS
 from ..sde import SDE, SDE_NAMES, get_sde
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -95,7 +96,8 @@ def build_sde(cfg: Any) -> SDE:
 
 @dataclass
 class MLPConfig:
-    """The residual MLP (sde_diffusion.nets.MLP) for low-dimensional data."""
+    """The residual MLP (sde_diffusion.nets.MLP) for low-dimensional data; param: what it
+    predicts (eps, x0, v or edm, sde_diffusion.precondition)."""
 
     name: str = "mlp"
     width: int = 256
@@ -103,6 +105,7 @@ class MLPConfig:
     time_embedding: str = "fourier"
     embed_dim: int = 128
     class_cond: bool = False
+    param: str = DEFAULT_PARAM
 
     def __post_init__(self) -> None:
         _check_model(self)
@@ -110,7 +113,7 @@ class MLPConfig:
 
 @dataclass
 class UNetConfig:
-    """The U-Net (sde_diffusion.nets.UNet) for images."""
+    """The U-Net (sde_diffusion.nets.UNet) for images; param as for the MLP."""
 
     name: str = "unet"
     base_channels: int = 64
@@ -121,6 +124,7 @@ class UNetConfig:
     dropout: float = 0.0
     time_embedding: str = "sinusoidal"
     class_cond: bool = False
+    param: str = DEFAULT_PARAM
 
     def __post_init__(self) -> None:
         _check_model(self)
@@ -129,6 +133,8 @@ class UNetConfig:
 def _check_model(cfg: Any) -> None:
     if cfg.name not in NETS:
         raise ValueError(f"unknown model.name {cfg.name!r}; valid choices: {', '.join(NETS)}")
+    if cfg.param not in PARAMS:
+        raise ValueError(f"unknown model.param {cfg.param!r}; valid choices: {', '.join(PARAMS)}")
     if cfg.time_embedding not in TIME_EMBEDDINGS:
         raise ValueError(
             f"unknown model.time_embedding {cfg.time_embedding!r}; "
