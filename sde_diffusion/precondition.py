@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._tensor import append_dims
+from ._tensor import append_dims, check_choice
 from .sde import SDE
 
 PARAMS = ("eps", "x0", "v", "edm")
@@ -59,11 +59,6 @@ __all__ = [
     "coefficients",
     "estimate_sigma_data",
 ]
-
-
-def _check_param(param: str) -> None:
-    if param not in PARAMS:
-        raise ValueError(f"unknown model.param {param!r}; valid choices: {', '.join(PARAMS)}")
 
 
 @dataclass(frozen=True)
@@ -86,7 +81,7 @@ class Coefficients:
 
 def coefficients(sde: SDE, t: Tensor, param: str, sigma_data: float = 1.0) -> Coefficients:
     """The closed forms of the module docstring at times t (shape (batch,)), in t's dtype."""
-    _check_param(param)
+    check_choice("model.param", param, PARAMS)
     gamma, sigma = sde.marginal(t)
     one, zero = torch.ones_like(t), torch.zeros_like(t)
     if param == "eps":
@@ -136,7 +131,7 @@ class Preconditioned(nn.Module):
         self, net: nn.Module, sde: SDE, param: str = DEFAULT_PARAM, sigma_data: float = 1.0
     ):
         super().__init__()
-        _check_param(param)
+        check_choice("model.param", param, PARAMS)
         self.net, self.sde, self.param, self.sigma_data = net, sde, param, float(sigma_data)
 
     def coefficients(self, t: Tensor) -> Coefficients:
