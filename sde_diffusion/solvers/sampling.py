@@ -16,7 +16,13 @@ from ..sde import SDE, ScoreFn
 from ._registry import SolverSpec, generator_noise, get_solver, per_sample_noise
 from .grids import resolve_grid
 
-__all__ = ["SampleResult", "sample"]
+__all__ = ["DEFAULT_PARAMS", "DEFAULT_SOLVER", "SampleResult", "sample"]
+
+#: what `sample()` runs when no solver is named: DPM-Solver's third-order multistep integrator of
+#: the noise prediction, on steps equal in log-SNR from T to the schedule's t_min, at full order
+#: to the grid's end and without a final Tweedie jump (README, "Few-step defaults").
+DEFAULT_SOLVER = "dpm_solver"
+DEFAULT_PARAMS: dict[str, object] = {"order": 3, "prediction": "noise", "lower_order_final": False}
 
 
 @dataclass
@@ -55,11 +61,11 @@ def sample(
     score_fn: ScoreFn,
     sde: SDE,
     shape_or_x_T: Sequence[int] | Tensor,
-    solver: str | SolverSpec = "dpm_solver",
+    solver: str | SolverSpec | None = None,
     steps: int = 20,
     grid: str | Tensor | None = None,
     t_end: float | None = None,
-    denoise: bool = True,
+    denoise: bool | None = None,
     generator: torch.Generator | None = None,
     seeds: Sequence[int] | None = None,
     device: torch.device | str | None = None,
@@ -73,17 +79,24 @@ def sample(
 
     shape_or_x_T: the batch shape (x_T is drawn from the SDE's prior) or x_T itself.
     solver: a registered name (see SOLVERS) or a SolverSpec; solver_params go to it by name.
+        None: the default configuration, DEFAULT_SOLVER with DEFAULT_PARAMS (which
+        solver_params override) and no Tweedie step: NFE = steps.
     steps / grid: `steps` intervals of the grid kind `grid` (default: the solver's own), or
         `grid` as an explicit strictly decreasing tensor of times (then `steps` is ignored).
     t_end: where the grid stops. Default: sde.t_min, or with `denoise` (solvers whose grid sets
         their evaluations, all but the adaptive `ode`) `grids.final_time`: T / (2 steps + 1)
         while that is above t_min, so that the Tweedie jump to t = 0 is half a grid step.
-    denoise: finish with the Tweedie step x0 = (x + sigma^2 s(x, t_end)) / gamma (one more NFE).
+    denoise: finish with the Tweedie step x0 = (x + sigma^2 s(x, t_end)) / gamma (one more NFE);
+        default: True for a named solver, False for the default configuration.
     generator / seeds: noise from one generator for the batch, or per-sample seeds so that each
         sample's trajectory depends on its own seed only.
     return_info: return a SampleResult with the NFE (counted, never computed), the grid and,
         with return_trajectory, the state after every step.
     """
+    if solver is None:
+        solver, solver_params = DEFAULT_SOLVER, {**DEFAULT_PARAMS, **solver_params}
+        denoise = bool(denoise)
+    denoise = True if denoise is None else denoise
     spec = get_solver(solver) if isinstance(solver, str) else solver
     ts = resolve_grid(sde, grid, steps, spec.default_grid, t_end, denoise and spec.grid_sets_nfe)
     noise = per_sample_noise(seeds) if seeds is not None else generator_noise(generator)
