@@ -105,3 +105,21 @@ def test_default_runs_its_own_steps_to_t_min():
     torch.testing.assert_close(lam.diff(), torch.full_like(lam[1:], float(lam.diff().mean())))
     named = sample(mix.score_fn(sde), sde, (8, 2), "dpm_solver", 7, return_info=True)
     assert named.nfe == 8 and float(named.ts[-1]) > sde.t_min
+
+
+def test_to_zero_removes_the_noise_left_at_t_min_without_an_evaluation():
+    """The default stops at t_min (sigma / gamma = 0.006 on the cosine schedule), where the flow
+    is still that far from x_0; `to_zero=True` steps on to sigma = 0 with the last polynomial's
+    eps, no evaluation added: at 200 steps on the ring the mean distance to the exact x_0
+    (dopri5 to t_min, then Tweedie) drops from 1.5e-4 to 3.8e-5 (bound: half)."""
+    sde, mix = CosineVPSDE(), GaussianMixture.ring(8, radius=4.0, std=0.5)
+    x_T = torch.randn(128, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    exact = sample(mix.score_fn(sde), sde, x_T, "ode", 1, rtol=1e-9, atol=1e-9)
+    err = []
+    for to_zero in (False, True):
+        res = sample(mix.score_fn(sde), sde, x_T, steps=200, to_zero=to_zero, return_info=True)
+        assert res.nfe == 200
+        err.append(float((res.samples - exact).norm(dim=1).mean()))
+    assert err[1] < 0.5 * err[0], err
+    with pytest.raises(ValueError, match="noise"):
+        sample(mix.score_fn(sde), sde, x_T, "dpm_solver", 5, to_zero=True)

@@ -76,8 +76,22 @@ def _interpolant_weights(offsets: Tensor, h: Tensor, prediction: str = "data") -
         psi = [torch.expm1(h)]
         for j in range(1, len(offsets)):
             psi.append(psi[-1] - h**j / math.factorial(j))
+    return _solve_transposed_vandermonde(offsets, psi)
+
+
+def _solve_transposed_vandermonde(offsets: Tensor, rhs: list[Tensor]) -> list[float]:
+    """b with V^T b = rhs, V_ij = offsets_i^j / j!: the weights that map values at the nodes to
+    the functional sum_j rhs_j c_j of the interpolating polynomial's Taylor coefficients c."""
     vandermonde = torch.stack([offsets**j / math.factorial(j) for j in range(len(offsets))], 1)
-    return torch.linalg.solve(vandermonde.T, torch.stack(psi)).tolist()
+    return torch.linalg.solve(vandermonde.T, torch.stack(rhs)).tolist()
+
+
+def _extrapolation_weights(offsets: Tensor, h: Tensor) -> list[float]:
+    """Lagrange weights w with P(lambda_s + h) = sum_i w_i m_i for the polynomial P through
+    (lambda_s + offsets[i], m_i): the functional is the value at h, rhs_j = h^j / j!."""
+    return _solve_transposed_vandermonde(
+        offsets, [h**j / math.factorial(j) for j in range(len(offsets))]
+    )
 
 
 def _interpolant_step(
@@ -176,6 +190,7 @@ def _multistep(
     lower_order_final: bool,
     corrector: bool,
     prediction: str,
+    to_zero: bool,
     callback: Callback | None,
 ) -> Tensor:
     """The multistep loop shared by DPM-Solver++ (predictor only) and UniPC (with corrector).
@@ -186,6 +201,9 @@ def _multistep(
     steps, k <= steps left. With `corrector`, that same evaluation first corrects x_i: the step
     from t_{i-1} is redone through the polynomial that also passes through the new x0 (one more
     node, one more order, no extra evaluation), while the uncorrected output stays in the history.
+    With `to_zero` (noise prediction), a last step from the grid's end to sigma = 0 that evaluates
+    nothing: the first-order step x_0 = (x - sigma eps) / gamma with eps the last step's own
+    polynomial extrapolated to the grid's end.
     """
     n = len(ts) - 1
     lam = sde.log_snr(ts)
@@ -225,6 +243,12 @@ def _multistep(
             )
         if callback is not None:
             callback(i, t, x)
+    if to_zero:
+        w = _extrapolation_weights(
+            lam_host[n - k : n] - lam_host[n - 1], lam_host[n] - lam_host[n - 1]
+        )
+        eps = sum(w_i * m_i for w_i, m_i in zip(w, history[-k:], strict=True))
+        x = (x - sigma[n] * eps) / gamma[n]
     return x
 
 
@@ -239,6 +263,7 @@ def dpm_solver_pp(
     method: str = "multistep",
     lower_order_final: bool = True,
     prediction: str = "data",
+    to_zero: bool = False,
     callback: Callback | None = None,
 ) -> Tensor:
     """DPM-Solver++ with data prediction over the grid ts (default: uniform in log-SNR).
@@ -260,11 +285,12 @@ def dpm_solver_pp(
     _check_prediction(prediction)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid choices: {', '.join(METHODS)}")
-    if method == "singlestep" and prediction != "data":
-        raise ValueError("method='singlestep' takes data prediction only")
+    _check_to_zero(to_zero, prediction)
+    if method == "singlestep" and (prediction != "data" or to_zero):
+        raise ValueError("method='singlestep' takes data prediction only, without to_zero")
     if method == "multistep":
         return _multistep(
-            score_fn, sde, x, ts, order, lower_order_final, False, prediction, callback
+            score_fn, sde, x, ts, order, lower_order_final, False, prediction, to_zero, callback
         )
     for i, (t_prev, t) in steps(ts):
         x = _singlestep_update(score_fn, sde, x, t_prev, t, order)
@@ -283,6 +309,7 @@ def unipc(
     order: int = 3,
     lower_order_final: bool = True,
     prediction: str = "data",
+    to_zero: bool = False,
     callback: Callback | None = None,
 ) -> Tensor:
     """UniPC (Zhao et al. 2023, "UniPC: A unified predictor-corrector framework for fast sampling
@@ -300,7 +327,10 @@ def unipc(
     """
     _check_order(order)
     _check_prediction(prediction)
-    return _multistep(score_fn, sde, x, ts, order, lower_order_final, True, prediction, callback)
+    _check_to_zero(to_zero, prediction)
+    return _multistep(
+        score_fn, sde, x, ts, order, lower_order_final, True, prediction, to_zero, callback
+    )
 
 
 def _check_prediction(prediction: str) -> None:
@@ -308,6 +338,13 @@ def _check_prediction(prediction: str) -> None:
         raise ValueError(
             f"unknown prediction {prediction!r}; valid choices: {', '.join(PREDICTIONS)}"
         )
+
+
+def _check_to_zero(to_zero: bool, prediction: str) -> None:
+    # with x0 predictions the step to sigma = 0 would return the extrapolated x0 itself, its
+    # error no longer damped by sigma at the grid's end
+    if to_zero and prediction != "noise":
+        raise ValueError("to_zero needs prediction='noise'")
 
 
 def _check_order(order: int) -> None:
