@@ -2,10 +2,11 @@
 closest to that score's own probability-flow ODE.
 
 At 5-20 evaluations the grid decides most of a solver's error, and which grid is best depends on
-the data: on the oracle mixtures of benchmarks/steps_vs_quality.py a grid quadratic in t halves
-the 10-step error of DPM-Solver++ and UniPC against uniform log-SNR steps in 2-D and doubles it
-in 16-D (benchmarks/steps_vs_quality_ablation.md). `tune_grid` therefore measures instead of
-guessing, in the spirit of the learned and optimised schedules of Watson et al. (2021), Sabour
+the data: on two oracle mixtures a grid quadratic in t halved the 10-step error of DPM-Solver++
+and UniPC against uniform log-SNR steps in 2-D and doubled it in 16-D
+(benchmarks/steps_vs_quality_ablation.md, the benchmark before issue 11), and on the suite of
+benchmarks/steps_vs_quality.py the best peer grid changes with the problem. `tune_grid`
+therefore measures instead of guessing, in the spirit of the learned and optimised schedules of Watson et al. (2021), Sabour
 et al. ("Align Your Steps", 2024) and Xue et al. (2024): on a pilot batch of prior draws it
 solves the probability-flow ODE accurately once (adaptive dopri5), then moves the grid's
 log-SNRs to minimise the mean squared distance between the solver's samples and those exact
