@@ -30,7 +30,7 @@ from .._tensor import check_finite
 from ..sde import SDE, ScoreFn
 from ._registry import SOLVERS, get_solver
 from .grids import resolve_grid
-from .sampling import DEFAULT_PARAMS, DEFAULT_SOLVER, sample
+from .sampling import DEFAULT_PARAMS, default_solver, sample
 
 #: the reference flow of the pilot: dopri5 at this relative and absolute tolerance
 REFERENCE_TOL = 1e-5
@@ -117,8 +117,7 @@ def tune_grid(
     pinned = solver is None
     if pinned:
         solver_params = {**DEFAULT_PARAMS, **solver_params}
-    name = DEFAULT_SOLVER if pinned else solver
-    if name not in tunable_solvers():
+    elif solver not in tunable_solvers():
         raise UntunableSolverError(
             f"cannot tune a grid for solver {solver!r}; valid choices (deterministic, stepping "
             f"on the grid): {', '.join(tunable_solvers())}"
@@ -127,6 +126,7 @@ def tune_grid(
         raise ValueError(
             f"steps (>= {1 + pinned}) and trials must be positive integers, got {steps}, {trials}"
         )
+    name = default_solver(sde, steps) if pinned else solver
     if isinstance(pilot, Tensor):
         x_T = pilot
         check_finite(x_T, "pilot")
