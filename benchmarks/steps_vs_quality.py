@@ -1,8 +1,8 @@
 """How many score evaluations for which quality? Our few-step default against every peer, on a
 suite of exact-score problems.
 
-    python benchmarks/steps_vs_quality.py              # the full suite (about 25 minutes, 1 core)
-    python benchmarks/steps_vs_quality.py --quick      # three problems, two schedules (3 minutes)
+    python benchmarks/steps_vs_quality.py --tuned      # the full suite (10 minutes, 1 thread)
+    python benchmarks/steps_vs_quality.py --quick      # three problems, two schedules (1 minute)
 
 Peers (benchmarks/steps_vs_quality_peers.py): diffusers' DPM-Solver++ (2M, 3M), UniPC, DEIS,
 DDIM, Euler and Heun on their default, trailing, Karras and Lu-lambda grids with the final step
