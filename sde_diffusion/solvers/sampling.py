@@ -37,6 +37,8 @@ def default_solver(sde: SDE, steps: int) -> str:
     stay inside it, while at h ~ 1 (10 steps on the usual schedules) the fourth-order
     interpolant overshoots and the third-order predictor alone is the better bet.
     """
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps}")
     lam = sde.log_snr(torch.tensor([float(sde.T), float(sde.t_min)], dtype=torch.float64))
     return "unipc" if float(lam[1] - lam[0]) / steps <= CORRECTOR_MAX_STEP else "dpm_solver"
 
