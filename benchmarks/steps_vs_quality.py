@@ -53,7 +53,6 @@ from torch import Tensor
 
 from sde_diffusion import SDE, VPSDE, CosineVPSDE, DiscreteVPSDE, GaussianMixture
 from sde_diffusion.metrics import SlicedW2, gaussian_kl, gaussian_kl_from_samples
-from sde_diffusion.report import plot_quality
 from sde_diffusion.sde import ScoreFn
 from sde_diffusion.solvers import sample, tune_grid
 
@@ -413,27 +412,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "steps_vs_quality.md").write_text("\n\n".join(md) + "\n")
-    plot_records = [
-        {**r, "sde": f"{r['problem']}, {r['schedule']}", "metrics": {"error": r["error"]}}
-        for r in all_records
-        if r["error"] is not None and r["budget"] in NFES
-        and (r["solver"].startswith("ours") or r["solver"] in _best_peer_labels(all_records))
-    ]  # fmt: skip
-    plot_quality(plot_records, "error", args.out / "steps_vs_quality.png", ("sde",), "solver")
+    labels = [default.label] + ([tuned_method.label] if tuned_method else [])
+    plot_ratios(all_records, labels, schedules, args.out / "steps_vs_quality.png")
     print(table)
     print(f"{elapsed:.0f} s; wrote {args.out / 'steps_vs_quality.md'} and .png")
     return 0
 
 
-def _best_peer_labels(records: Sequence[dict]) -> set[str]:
-    """The peers that are best somewhere (the plot shows those and ours)."""
-    best = set()
-    for key in {(r["problem"], r["schedule"], r["budget"]) for r in records}:
-        group = [r for r in records if (r["problem"], r["schedule"], r["budget"]) == key]
-        b = _best(group, key[2], mine=False)
-        if b:
-            best.add(b["solver"])
-    return best
+def plot_ratios(records: Sequence[dict], labels: Sequence[str], schedules: Sequence[str],
+                path: Path) -> None:  # fmt: skip
+    """Ours / best peer against the NFE: one panel per schedule, one colour per problem, solid
+    for the default and dashed for the tuned grid; below the line at 1 ours wins."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["problem"] for r in records))
+    fig, axes = plt.subplots(1, len(schedules), figsize=(5 * len(schedules), 4.5), squeeze=False)
+    for ax, schedule in zip(axes[0], schedules, strict=True):
+        for i, name in enumerate(names):
+            group = [r for r in records if (r["problem"], r["schedule"]) == (name, schedule)]
+            for label, style in zip(labels, ("-", "--"), strict=False):
+                points = []
+                for b in NFES:
+                    me = next((r for r in group if r["solver"] == label and r["budget"] == b), None)
+                    peer = _best(group, b, mine=False)
+                    if me and me["error"] is not None and peer:
+                        points.append((b, me["error"] / peer["error"]))
+                if points:
+                    ax.plot(*zip(*points, strict=True), style, color=f"C{i}", marker="o",
+                            label=name if style == "-" else None)  # fmt: skip
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set(xscale="log", yscale="log", title=f"{schedule}: ours / best peer (dashed: tuned)",
+               xlabel="NFE", xticks=list(NFES), xticklabels=list(map(str, NFES)))  # fmt: skip
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
