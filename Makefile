@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
+	@# k-diffusion is a benchmark peer; its sampling module needs only torchsde (its own
+	@# requirements would pull torchvision, wandb and clean-fid), so no dependencies are resolved
+	$(PY) -m pip install -q --no-deps k-diffusion==0.1.1.post1 torchsde==0.2.6 trampoline==0.1.2
 	@touch $(STAMP)
 
 setup: $(STAMP)

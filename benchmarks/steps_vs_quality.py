@@ -1,550 +1,455 @@
-"""How many score evaluations for which quality? Every registered solver against diffusers' schedulers.
+"""How many score evaluations for which quality? Our few-step default against every peer, on a
+suite of exact-score problems.
 
-    python benchmarks/steps_vs_quality.py              # the full run (8 minutes, 2 cores)
-    python benchmarks/steps_vs_quality.py --quick      # a 1.5-minute smoke run
+    python benchmarks/steps_vs_quality.py --tuned      # the full suite (10 minutes, 1 thread)
+    python benchmarks/steps_vs_quality.py --quick      # three problems, two schedules (1 minute)
 
-The data are Gaussian mixtures whose exact score (`GaussianMixture`) stands in for a perfectly
-trained network, so what remains is each solver's own discretisation error. All samplers share
-one eps-model on DDPM's linear schedule (1000 training steps): at discrete timestep k it returns
-the oracle's exact eps at t = (k + 1) / 1000. Our solvers reach it through `model_score_fn(...,
-time_input="index")`, which maps t back to k = 1000 t - 1, so both sides call the very same
-function. Peers are diffusers' DDPM, DDIM, DPM-Solver++ (multistep), UniPC, Euler and Heun
-schedulers on the same betas, with clip_sample and thresholding off and "trailing" timesteps
-(every timestep an integer, the first one 999, as Lin et al. 2024 recommend). UniPC and
-DPM-Solver++ also run on grids fitted by `tune_grid` at the budgets TUNED_BUDGETS, on pilot draws
-independent of the benchmark's x_T; what each fit cost is printed with the tables, and the goals
-are stated with our default grids alone and with the tuned ones.
+Peers (benchmarks/steps_vs_quality_peers.py): diffusers' DPM-Solver++ (2M, 3M), UniPC, DEIS,
+DDIM, Euler and Heun on their default, trailing, Karras and Lu-lambda grids with the final step
+to sigma = 0, and k-diffusion's dpmpp_2m, dpmpp_3m_sde, lms, heun and euler on Karras and
+exponential grids, all driven by the same exact score. k-diffusion is optional; install it with
 
-Budgets: each sampler gets the largest number of steps whose NFE, counted by wrapping the
-model, fits the budget (our NFE includes the final Tweedie denoise evaluation). Common random
-numbers: every sampler starts from the same x_T noise, stochastic ones draw from equally seeded
-generators, and every sample set is scored against the same reference set with the same
-projections.
+    pip install --no-deps k-diffusion torchsde trampoline
 
-Quality, three ways:
-- sliced W2 against a fresh sample of p_0 32 times the size of the sample sets, kept as its
-  quantiles at the sample sets' size (`SlicedW2(levels=n)`: nearly the W2 to p_0 itself, so the
-  reference adds little noise of its own), with the data-vs-data value (an independent sample of
-  p_0 of the sample sets' size, scored the same way) printed as the floor. With a few thousand
-  samples that floor is about as large as a good sampler's error at NFE 10;
-- "flow W2": sliced W2 against the exact probability-flow ODE map of the very same x_T (an
-  adaptive dopri5 solve at tight tolerance, itself an exact sample of p_0). Coupled through x_T,
-  it is nearly free of sampling noise and goes to zero for every deterministic sampler as it
-  converges, so it resolves the few-step differences the first one drowns; for stochastic
-  samplers (not coupled to the flow) it stays at the sampling-noise floor;
-- the mean exact log p_0 of the samples under the oracle, next to that of true data.
+(its `sampling` module is loaded on its own; without it the run says so and goes on).
 
-Goals, printed as ratios: at NFE 10 our best error is at most the best peer's (the aim is half
-of it), in sliced W2 and in flow W2; at NFE 20 our best sliced W2 is within 1.5x of the
-1000-step floor (the best sliced W2 any sampler reaches at NFE 1000).
+Problems: Gaussian-mixture oracles with an exact score at every t (`GaussianMixture`), so what
+remains is each sampler's own discretisation error: anisotropic Gaussians in 4, 16 and 64
+dimensions (covariance eigenvalues spread 60x, 100x, 200x, random rotation), the 2-D ring of 8,
+a 16-D mixture of 8 full-covariance components, a scale mixture (component variances 1e-3, 1e-2,
+1e-1, 1 in 8-D) and a low-intrinsic-dimension target (a ring of 6 in a random 2-D plane of R^16,
+off-plane variance 1e-4); each under DDPM's discrete linear betas, the continuous VP and the
+cosine VP. Diffusers runs on the schedule's 1000 DDPM betas and evaluates the score at its
+timesteps' continuous times, k-diffusion through a denoiser D(x, sigma) of the same score.
+
+Errors:
+- Gaussians: the exact KL from the sampler's output law to the target. A deterministic sampler
+  driven by the exact score of a Gaussian is an affine map x_T -> b + A x_T, so running it on
+  x_T = 0 and the unit vectors gives its output law N(b, A A^T) exactly; stochastic samplers
+  are scored by the KL of their samples' mean and covariance (GAUSS_SAMPLES of them; the bias of
+  that estimate, about D (D + 3) / (4 n) nats, is printed as their floor).
+- mixtures: sliced W2 between the samples and the exact probability-flow map of the same x_T
+  (dopri5 at FLOW_TOL): coupled through x_T it is free of sampling noise for deterministic
+  samplers (stochastic ones are not coupled to the flow and stay at the sampling-noise level).
+Budgets are matched on counted evaluations: each sampler runs the most steps whose counted NFE
+fits the budget. Every problem reports, at each NFE, the best peer setting and our ratio to it,
+and our error at NFE 20 against our own at NFE 1000 (the floor). With --tuned, `tune_grid`
+fits the default's grid to each problem at each budget (pilot draws independent of x_T) and
+those rows are compared too, with what each fit cost.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from sde_diffusion import DiscreteVPSDE, GaussianMixture, model_score_fn
-from sde_diffusion.apps.report import markdown_table, plot_quality
-from sde_diffusion.metrics import SlicedW2, mean_log_prob
-from sde_diffusion.solvers import GRIDS, SOLVERS, TunedGrid, sample, tune_grid
+from sde_diffusion import SDE, VPSDE, CosineVPSDE, DiscreteVPSDE, GaussianMixture
+from sde_diffusion.metrics import SlicedW2, gaussian_kl, gaussian_kl_from_samples
+from sde_diffusion.sde import ScoreFn
+from sde_diffusion.solvers import sample, tune_grid
 
-NFES = (5, 10, 20, 50, 100, 250, 1000)
-PEERS = (
-    "DDPMScheduler",
-    "DDIMScheduler",
-    "DPMSolverMultistepScheduler",
-    "UniPCMultistepScheduler",
-    "EulerDiscreteScheduler",
-    "HeunDiscreteScheduler",
-)
-#: settings under which a registered solver runs at a fixed budget; all others run with their
-#: defaults. The PF-ODE defaults to adaptive dopri5, whose NFE is set by tolerances, not steps.
-FIXED_BUDGET_PARAMS: dict[str, dict[str, object]] = {"ode": {"method": "rk4"}}
-#: our solvers also run on grids fitted by `tune_grid` at these budgets (beyond them the default
-#: grids are at the floor already, and a trial's cost grows with the steps)
-TUNED, TUNED_BUDGETS, PILOT, TRIALS = ("unipc", "dpm_solver"), (5, 10, 20), 256, 300
-METRIC, FLOW_METRIC = "sliced_w2", "flow_w2"
-REFERENCE_FACTOR = 32  # the reference sample of p_0 is this many times the sample sets' size
-#: the exact flow: dopri5 at this tolerance; first_step keeps torchdiffeq's initial-step probe
-#: inside [t_min, T] (its default guess can overshoot t = 0 on the DDPM schedule)
-FLOW_TOL, FLOW_FIRST_STEP = 1e-7, 1e-3
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from steps_vs_quality_peers import Peer, diffusers_peers, k_diffusion_peers, steps_for_budget
+
+NFES, FLOOR_NFE = (5, 10, 20), 1000
+SCHEDULES: dict[str, Callable[[], SDE]] = {
+    "ddpm": DiscreteVPSDE.ddpm,
+    "vp": VPSDE,
+    "cosine": CosineVPSDE,
+}
+FLOW_TOL, FLOW_FIRST_STEP = 1e-7, 1e-3  # first_step keeps dopri5's probe inside [t_min, T]
+MIX_SAMPLES, GAUSS_SAMPLES, PROJECTIONS = 1000, 4000, 256
+#: tuned grids: pilot draws, trial grids, and the tolerance of the pilot's exact flow (tight,
+#: since at 20 steps the default comes within tune_grid's own REFERENCE_TOL of it)
+PILOT, TRIALS, TUNE_TOL = 256, 200, 1e-8
 HERE = Path(__file__).resolve().parent
+
+
+# ---- the suite ----------------------------------------------------------------------------------
+
+
+def _rotation(dim: int, g: torch.Generator) -> Tensor:
+    return torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))[0]
+
+
+def anisotropic(dim: int, spread: float, seed: int) -> GaussianMixture:
+    """N(mu, U diag(d) U^T): eigenvalues log-spaced from 2 / spread to 2, a random rotation U."""
+    g = torch.Generator().manual_seed(seed)
+    d = torch.logspace(math.log10(2 / spread), math.log10(2), dim, dtype=torch.float64)
+    u = _rotation(dim, g)
+    mean = 0.5 * torch.randn(dim, generator=g, dtype=torch.float64)
+    return GaussianMixture.gaussian(mean, u @ torch.diag(d) @ u.T)
+
+
+def scale_mixture(dim: int = 8, seed: int = 3) -> GaussianMixture:
+    """Four isotropic components with variances 1e-3, 1e-2, 1e-1 and 1 at random means."""
+    g = torch.Generator().manual_seed(seed)
+    variances = torch.tensor([1e-3, 1e-2, 1e-1, 1.0], dtype=torch.float64)
+    means = torch.randn(4, dim, generator=g, dtype=torch.float64)
+    return GaussianMixture(torch.full((4,), 0.25), means, variances[:, None].expand(4, dim).clone())
+
+
+def low_dimensional(dim: int = 16, seed: int = 4) -> GaussianMixture:
+    """A ring of 6 components (radius 2, in-plane std 0.3) in a random 2-D plane of R^dim,
+    off-plane variance 1e-4."""
+    g = torch.Generator().manual_seed(seed)
+    u = _rotation(dim, g)
+    ring = GaussianMixture.ring(k=6, radius=2.0, std=0.3)
+    means = torch.zeros(6, dim, dtype=torch.float64)
+    means[:, :2] = ring.means
+    d = torch.full((dim,), 1e-4, dtype=torch.float64)
+    d[:2] = 0.09
+    cov = u @ torch.diag(d) @ u.T
+    return GaussianMixture(torch.full((6,), 1 / 6), means @ u.T, cov.expand(6, dim, dim).clone())
+
+
+def problems(quick: bool) -> dict[str, Callable[[], GaussianMixture]]:
+    suite = {
+        "Gaussian 4-D (60x)": lambda: anisotropic(4, 60.0, 5),
+        "Gaussian 16-D (100x)": lambda: anisotropic(16, 100.0, 1),
+        "Gaussian 64-D (200x)": lambda: anisotropic(64, 200.0, 2),
+        "2-D ring of 8": lambda: GaussianMixture.ring(k=8, radius=4.0, std=0.5),
+        "16-D mixture of 8": lambda: GaussianMixture.random(
+            8, 16, generator=torch.Generator().manual_seed(16)
+        ),
+        "scale mixture 8-D": scale_mixture,
+        "2-D ring in R^16": low_dimensional,
+    }
+    if quick:
+        keep = ("Gaussian 16-D (100x)", "2-D ring of 8", "scale mixture 8-D")
+        suite = {k: suite[k] for k in keep}
+    return suite
 
 
 @dataclass
 class Problem:
-    """One oracle mixture with its common random numbers and reference values."""
+    """One target under one schedule, with its shared x_T and exact reference."""
 
     name: str
+    schedule: str
     mixture: GaussianMixture
-    sde: DiscreteVPSDE
-    eps_model: Callable[[Tensor, Tensor], Tensor]
+    sde: SDE
     z: Tensor  # standard normal x_T noise shared by every sampler
-    reference: Tensor  # fresh sample of p_0 every sample set is scored against
-    projections: int
-    flow: Tensor | None = None  # the exact probability-flow ODE map of z
-    floor: float = math.nan  # sliced W2 of an independent sample of p_0
-    data_log_p0: float = math.nan  # mean log p_0 of that sample
-    flow_score: float = math.nan  # sliced W2 of the exact flow's samples: no solver error left
-    _judges: dict[str, SlicedW2] = field(default_factory=dict, repr=False)
+    flow: Tensor | None = None  # mixtures: the exact flow of z
+    _judge: SlicedW2 | None = field(default=None, repr=False)
 
-    def _judge(self, metric: str, y: Tensor) -> SlicedW2:
-        """Sliced W2 to y's quantiles at the sample sets' size: the same directions for every
-        sample set and reference."""
-        if metric not in self._judges:
-            g, n = torch.Generator().manual_seed(7), self.z.shape[0]
-            self._judges[metric] = SlicedW2(y, self.projections, g, levels=n)
-        return self._judges[metric]
+    @property
+    def gaussian(self) -> bool:
+        return self.mixture.num_components == 1
 
-    def score(self, x: Tensor) -> dict[str, float]:
-        out = {METRIC: float(self._judge(METRIC, self.reference)(x))}
-        if self.flow is not None:
-            out[FLOW_METRIC] = float(self._judge(FLOW_METRIC, self.flow)(x))
-        out["mean_log_p0"] = float(mean_log_prob(x, self.mixture))
-        return out
+    @property
+    def metric(self) -> str:
+        return "KL" if self.gaussian else "flow W2"
+
+    @property
+    def score_fn(self) -> ScoreFn:
+        return self.mixture.score_fn(self.sde)
+
+    def error(self, run: Callable[[Tensor], tuple[Tensor, int]], stochastic: bool) -> tuple:
+        """(error, counted NFE) of a sampler run(x_T) -> (samples, nfe)."""
+        if not self.gaussian:
+            x, nfe = run(self.sde.prior_std() * self.z)
+            return float(self._judge(x)), nfe
+        mean, cov = self.mixture.means[0], self.mixture.covs[0]
+        if stochastic:
+            x, nfe = run(self.sde.prior_std() * self.z)
+            return float(gaussian_kl_from_samples(x, mean, cov)), nfe
+        d = self.mixture.dim
+        basis = torch.cat([torch.zeros(1, d), torch.eye(d)]).double()
+        y, nfe = run(self.sde.prior_std() * basis)
+        b, a = y[0], (y[1:] - y[0]).T
+        return float(gaussian_kl(b, a @ a.T, mean, cov)), nfe
 
 
-def make_problem(dim: int, n: int, projections: int, flow_tol: float | None = FLOW_TOL) -> Problem:
-    """The 2-D ring of eight Gaussians, or eight random full-covariance components in `dim`;
-    with a flow_tol, also the exact flow of x_T at that tolerance (for the flow W2)."""
-    g = torch.Generator().manual_seed(dim)
-    if dim == 2:
-        mixture, name = GaussianMixture.ring(k=8, radius=4.0, std=0.5), "2-D ring of 8"
-    else:
-        mixture, name = GaussianMixture.random(8, dim, generator=g), f"{dim}-D mixture of 8"
-    sde = DiscreteVPSDE.ddpm()
-    eps_t = mixture.eps_fn(sde)
-    N = sde.N
-
-    def eps_model(x: Tensor, k: Tensor | float) -> Tensor:
-        """The eps-model at discrete timestep k (0..N-1): the oracle's exact eps at (k + 1) / N."""
-        t = (torch.as_tensor(k, dtype=torch.float64) + 1) / N
-        return eps_t(x, t.to(x.device).expand(x.shape[0]))
-
-    z = torch.randn(n, dim, generator=g, dtype=torch.float64)
-    reference = mixture.sample(REFERENCE_FACTOR * n, g)
-    problem = Problem(name, mixture, sde, eps_model, z, reference, projections=projections)
-    data = problem.score(mixture.sample(n, g))
-    problem.floor, problem.data_log_p0 = data[METRIC], data["mean_log_p0"]
-    if flow_tol is not None:
-        score_fn = model_score_fn(eps_model, sde, "eps", time_input="index")
+def make_problem(name: str, mixture: GaussianMixture, schedule: str) -> Problem:
+    sde = SCHEDULES[schedule]()
+    n = GAUSS_SAMPLES if mixture.num_components == 1 else MIX_SAMPLES
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(n, mixture.dim, generator=g, dtype=torch.float64)
+    problem = Problem(name, schedule, mixture, sde, z)
+    if not problem.gaussian:
         opts = {"first_step": FLOW_FIRST_STEP}
-        problem.flow = sample(
-            score_fn, sde, z, "ode", 1, rtol=flow_tol, atol=flow_tol, options=opts
-        )
-        problem.flow_score = problem.score(problem.flow)[METRIC]
+        x_T = sde.prior_std() * z
+        tol = {"rtol": FLOW_TOL, "atol": FLOW_TOL}
+        problem.flow = sample(problem.score_fn, sde, x_T, "ode", 1, options=opts, **tol)
+        problem._judge = SlicedW2(problem.flow, PROJECTIONS, torch.Generator().manual_seed(7), n)
     return problem
 
 
-# ---- our solvers ---------------------------------------------------------------------------------
+# ---- samplers -----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Method:
-    """A sampler under test: run(problem, steps, seed) -> (samples, counted NFE); `steps_for`
-    maps a budget to its steps where that is known without running (else they are counted)."""
+    """A sampler: run(problem, steps, x_T, seed) -> (samples, counted NFE)."""
 
     label: str
-    run: Callable[[Problem, int, int], tuple[Tensor, int]]
-    steps_for: Callable[[int], int] | None = None
+    run: Callable[[Problem, int, Tensor, int], tuple[Tensor, int]]
+    stochastic: bool = False
+    fixed: bool = False  # one evaluation per step, known without counting
+
+    @property
+    def ours(self) -> bool:
+        return self.label.startswith("ours")
 
 
-def ours(solver: str, **settings: object) -> Method:
-    """A registered solver through `sample()`, with FIXED_BUDGET_PARAMS and `settings` (grid,
-    t_end, denoise or solver parameters)."""
-    params = {**FIXED_BUDGET_PARAMS.get(solver, {}), **settings}
+def ours(label: str, **settings: object) -> Method:
+    """`sample()` with `settings` (none: the default configuration)."""
 
-    def run(problem: Problem, steps: int, seed: int) -> tuple[Tensor, int]:
-        score_fn = model_score_fn(problem.eps_model, problem.sde, "eps", time_input="index")
-        x_T = problem.sde.prior_std() * problem.z
+    def run(problem: Problem, steps: int, x_T: Tensor, seed: int) -> tuple[Tensor, int]:
         g = torch.Generator().manual_seed(seed)
-        res = sample(
-            score_fn, problem.sde, x_T, solver, steps, generator=g, return_info=True, **params
-        )
+        res = sample(problem.score_fn, problem.sde, x_T, steps=steps, generator=g,
+                     return_info=True, **settings)  # fmt: skip
         return res.samples, res.nfe
 
-    label = "ours: " + solver + "".join(f" {k}={v}" for k, v in settings.items())
-    return Method(label, run)
+    return Method("ours: " + label, run)
 
 
-def tuned(solver: str, log: dict[tuple[str, int], tuple[TunedGrid, float]]) -> Method:
-    """A registered solver on the grid `tune_grid` fits for each problem and step count, on
-    PILOT prior draws independent of the problem's x_T; each fit and its seconds go into
-    `log` (one step per evaluation plus the Tweedie one, so budget b runs b - 1 steps)."""
+def tuned(log: dict) -> Method:
+    """The default configuration on a grid `tune_grid` fits per problem and budget, on PILOT
+    prior draws independent of the problem's x_T; each fit and its seconds go into `log`."""
 
-    def run(problem: Problem, steps: int, seed: int) -> tuple[Tensor, int]:
-        score_fn = model_score_fn(problem.eps_model, problem.sde, "eps", time_input="index")
-        if (problem.name, steps) not in log:
-            start, dim = time.perf_counter(), problem.z.shape[1]
-            g = torch.Generator().manual_seed(1000 + dim)
-            fit = tune_grid(
-                score_fn,
-                problem.sde,
-                solver,
-                steps,
-                (PILOT, dim),
-                trials=TRIALS,
-                generator=g,
-                dtype=problem.z.dtype,
+    def run(problem: Problem, steps: int, x_T: Tensor, seed: int) -> tuple[Tensor, int]:
+        key = (problem.name, problem.schedule, steps)
+        if key not in log:
+            start = time.perf_counter()
+            g = torch.Generator().manual_seed(1000 + steps)
+            pilot = problem.sde.prior_std() * torch.randn(
+                PILOT, problem.mixture.dim, generator=g, dtype=torch.float64
             )
-            log[problem.name, steps] = (fit, time.perf_counter() - start)
-        x_T = problem.sde.prior_std() * problem.z
-        res = sample(
-            score_fn,
-            problem.sde,
-            x_T,
-            solver,
-            grid=log[problem.name, steps][0].ts,
-            return_info=True,
-        )
+            tol = {"rtol": TUNE_TOL, "atol": TUNE_TOL, "options": {"first_step": FLOW_FIRST_STEP}}
+            flow = sample(problem.score_fn, problem.sde, pilot, "ode", 1, **tol)
+            fit = tune_grid(problem.score_fn, problem.sde, None, steps, pilot, trials=TRIALS,
+                            reference=flow)  # fmt: skip
+            log[key] = (fit, time.perf_counter() - start)
+        res = sample(problem.score_fn, problem.sde, x_T, grid=log[key][0].ts, return_info=True)
         return res.samples, res.nfe
 
-    return Method(f"ours: {solver} grid=tuned", run, steps_for=lambda budget: budget - 1)
+    return Method("ours: default, grid=tune_grid", run, fixed=True)
 
 
-def tuning_note(problem: Problem, logs: dict[str, dict]) -> str:
-    """What the tuned rows cost: pilot evaluations and seconds per fit."""
-    parts = [
-        f"{solver} {steps + 1} NFE: {fit.nfe} evaluations, {secs:.0f} s"
-        for solver, log in logs.items()
-        for (name, steps), (fit, secs) in sorted(log.items())
-        if name == problem.name
-    ]
-    return (
-        f"Tuned grids on {problem.name} (`tune_grid`: {TRIALS} trial grids on {PILOT} prior "
-        f"draws independent of the benchmark's x_T, against their exact flow; a one-off cost per "
-        f"model, solver and step count): " + "; ".join(parts) + "."
-    )
+def from_peer(p: Peer) -> Method:
+    def run(problem: Problem, steps: int, x_T: Tensor, seed: int) -> tuple[Tensor, int]:
+        return p.run(problem.score_fn, problem.sde, x_T, steps, seed)
+
+    stochastic = "sde" in p.label or "DDPM" in p.label
+    return Method(p.label, run, stochastic)
 
 
-# ---- diffusers' schedulers -----------------------------------------------------------------------
-
-
-def peer(name: str) -> Method:
-    """diffusers' scheduler `name` on DDPM's linear betas, driving the shared eps-model."""
-    import diffusers
-
-    cls = getattr(diffusers, name)
-    accepted = inspect.signature(cls.__init__).parameters
-    config = {
-        "num_train_timesteps": 1000,
-        "beta_start": 1e-4,
-        "beta_end": 0.02,
-        "beta_schedule": "linear",
-        "prediction_type": "epsilon",
-        "timestep_spacing": "trailing",
-        "clip_sample": False,
-        "thresholding": False,
-    }
-    config = {k: v for k, v in config.items() if k in accepted}
-    takes_generator = "generator" in inspect.signature(cls.step).parameters
-
-    def run(problem: Problem, steps: int, seed: int) -> tuple[Tensor, int]:
-        sched = cls(**config)
-        sched.set_timesteps(steps)
-        g = torch.Generator().manual_seed(seed)
-        x = problem.z * sched.init_noise_sigma
-        nfe = 0
-        for k in sched.timesteps:
-            eps = problem.eps_model(sched.scale_model_input(x, k), k)
-            nfe += 1
-            extra = {"generator": g} if takes_generator else {}
-            x = sched.step(eps, k, x, **extra).prev_sample
-        return x, nfe
-
-    return Method("diffusers: " + name.removesuffix("Scheduler"), run)
-
-
-# ---- budgets, runs, tables ------------------------------------------------------------------------
-
-
-def steps_for_budget(method: Method, budget: int, problem: Problem, cache: dict) -> int | None:
-    """The largest step count whose counted NFE fits the budget (None if one step does not).
-
-    The NFE is counted on a one-sample batch of the problem. It grows with the steps, about
-    linearly, so a linear fit through 1 and 2 steps gives a guess that is then walked to the
-    exact answer. Every step costs at least one evaluation, so no more than `budget` steps are
-    ever tried (peers refuse more inference steps than training steps).
-    """
-    if method.steps_for is not None:
-        steps = method.steps_for(budget)
-        return steps if steps >= 1 else None
-    one = replace(problem, z=problem.z[:1])
+def budget_steps(method: Method, budget: int, problem: Problem, cache: dict) -> int | None:
+    """`steps_for_budget` with the NFE counted on a one-sample batch (cached); `fixed` methods
+    spend one evaluation per step."""
+    if method.fixed:
+        return budget
+    x1 = problem.sde.prior_std() * problem.z[:1]
 
     def nfe(steps: int) -> int:
-        if (method.label, steps) not in cache:
-            cache[method.label, steps] = method.run(one, steps, 0)[1]
-        return cache[method.label, steps]
+        key = (method.label, problem.name, problem.schedule, steps)
+        if key not in cache:
+            cache[key] = method.run(problem, steps, x1, 0)[1]
+        return cache[key]
 
-    if nfe(1) > budget:
-        return None
-    if budget == 1:
-        return 1
-    per_step = max(nfe(2) - nfe(1), 1)
-    steps = min(budget, max(1, (budget - nfe(1)) // per_step + 1))
-    while steps > 1 and nfe(steps) > budget:
-        steps -= 1
-    while steps < budget and nfe(steps + 1) <= budget:
-        steps += 1
-    return steps
+    return steps_for_budget(nfe, budget)
 
 
-def run_method(problem: Problem, method: Method, budget: int, cache: dict, seed: int = 0) -> dict:
-    """One cell of the table as a report record (status ok / invalid / error)."""
-    record = {
-        "model": "oracle",
-        "sde": problem.name,
-        "solver": method.label,
-        "budget": budget,
-        "steps": 0,
-        "nfe": None,
-        "seed": seed,
-        "num_samples": problem.z.shape[0],
-        "status": "ok",
-        "error": None,
-        "wall_time_s": 0.0,
-        "metrics": {},
-    }
+def evaluate(problem: Problem, method: Method, budget: int, cache: dict) -> dict:
+    """One cell: the error at `budget` (None where the sampler fails or cannot fit it)."""
+    record = {"problem": problem.name, "schedule": problem.schedule, "solver": method.label,
+              "budget": budget, "nfe": None, "error": None, "status": "ok"}  # fmt: skip
     try:
-        steps = steps_for_budget(method, budget, problem, cache)
+        steps = budget_steps(method, budget, problem, cache)
         if steps is None:
-            record.update(status="invalid", error=f"one step needs more than {budget} NFE")
+            record["status"] = "does not fit"
             return record
-        start = time.perf_counter()
-        x, nfe = method.run(problem, steps, seed)
-        record.update(steps=steps, nfe=nfe, wall_time_s=time.perf_counter() - start)
-        if not bool(torch.isfinite(x).all()):
-            record.update(status="error", error="non-finite samples")
-            return record
-        record["metrics"] = problem.score(x)
-    except Exception as err:  # a failing sampler is a table entry, not the end of the benchmark
-        record.update(status="error", error=f"{type(err).__name__}: {err}")
+        err, nfe = problem.error(lambda x_T: method.run(problem, steps, x_T, 0), method.stochastic)
+        record.update(nfe=nfe, error=err if math.isfinite(err) else None)
+        if record["error"] is None:
+            record["status"] = "non-finite"
+    except Exception as e:  # a failing sampler is a table entry, not the end of the benchmark
+        record.update(status=f"{type(e).__name__}: {e}"[:80])
     return record
 
 
-def _best(records: Sequence[dict], prefix: str, budget: int, metric: str) -> dict | None:
+# ---- tables ---------------------------------------------------------------------------------------
+
+
+def _best(records: Sequence[dict], budget: int, mine: bool | None) -> dict | None:
     ok = [
         r
         for r in records
         if r["budget"] == budget
-        and r["status"] == "ok"
-        and r["solver"].startswith(prefix)
-        and metric in r["metrics"]
+        and r["error"] is not None
+        and (mine is None or r["solver"].startswith("ours") == mine)
     ]
-    return min(ok, key=lambda r: r["metrics"][metric], default=None)
+    return min(ok, key=lambda r: r["error"], default=None)
 
 
-def _vs_best_peer(
-    records: Sequence[dict], metric: str, budget: int, scope: str, noise: float | None = None
-) -> str:
-    """One goal line; with `noise` (the sampling noise of this metric), a shortfall smaller than
-    it is said to be one."""
-    ours_best, peer_best = (
-        _best(records, "ours", budget, metric),
-        _best(records, "diffusers", budget, metric),
-    )
-    if not (ours_best and peer_best):
-        return f"  NFE {budget} ({metric}): not measured (needs NFE {budget} and at least one peer)"
-    a, b = ours_best["metrics"][metric], peer_best["metrics"][metric]
-    ratio = a / b
-    verdict = (
-        "MET, and the aim (<= 0.5) too"
-        if ratio <= 0.5
-        else "MET (aim <= 0.5 not reached)"
-        if ratio <= 1
-        else "NOT MET: the best peer is better"
-    )
-    if ratio > 1 and noise is not None and a - b < noise:
-        verdict += (
-            f" by {a - b:.2g}, inside the sampling noise (two exact sample sets of p_0 score "
-            f"{noise:.2g} apart here)"
-        )
-    return (
-        f"  NFE {budget} ({metric}, {scope}): ours [{ours_best['solver']}] {a:.4g} / best peer "
-        f"[{peer_best['solver']}] {b:.4g} = {ratio:.3f} (goal <= 1, aim <= 0.5): {verdict}"
-    )
+def summary_row(problem: Problem, records: Sequence[dict], label: str) -> list[str]:
+    """Per NFE: our `label` row's error, the best peer's and the ratio; then NFE 20 / floor."""
+    cells = [f"{problem.name}, {problem.schedule}", problem.metric]
+    for b in NFES:
+        me = next((r for r in records if r["solver"] == label and r["budget"] == b), None)
+        peer = _best(records, b, mine=False)
+        if not (me and me["error"] is not None and peer):
+            cells.append("n/a")
+            continue
+        ratio = me["error"] / peer["error"]
+        name = peer["solver"].split(": ", 1)[1]
+        cells.append(f"{ratio:.2f} ({me['error']:.2g} vs {peer['error']:.2g} {name})")
+    me20 = next((r for r in records if r["solver"] == label and r["budget"] == 20), None)
+    floor = next((r for r in records if r["solver"] == label and r["budget"] == FLOOR_NFE), None)
+    if me20 and floor and me20["error"] is not None and floor["error"]:
+        cells.append(f"{me20['error'] / floor['error']:.3g} (floor {floor['error']:.2g})")
+    else:
+        cells.append("n/a")
+    return cells
 
 
-def _vs_floor(records: Sequence[dict], floor: dict | None, top: int, scope: str) -> str:
-    """The NFE-20 goal line: our best sliced W2 at NFE 20 against the largest budget's best."""
-    ours20 = _best(records, "ours", 20, METRIC)
-    if not (ours20 and floor):
-        return f"  NFE 20 ({METRIC}): not measured (needs NFE 20)"
-    ratio = ours20["metrics"][METRIC] / floor["metrics"][METRIC]
-    note = "" if top == 1000 else f" (largest budget run: {top}, not 1000)"
-    return (
-        f"  NFE 20 ({METRIC}, {scope}): ours [{ours20['solver']}] "
-        f"{ours20['metrics'][METRIC]:.4g} / {top}-NFE floor {floor['metrics'][METRIC]:.4g} "
-        f"[{floor['solver']}] = {ratio:.3f} (goal <= 1.5): {'MET' if ratio <= 1.5 else 'NOT MET'}"
-        f"{note}"
-    )
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    return "\n".join(["\n".join(lines), *("| " + " | ".join(r) + " |" for r in rows)])
 
 
-def goals(problem: Problem, records: Sequence[dict]) -> list[str]:
-    """The issue's goals as ratios, each line saying plainly whether it is met: with our
-    default grids alone, then with the tuned grids too (where they ran)."""
-    lines = [
-        f"Goals on {problem.name} (data-vs-data sliced W2 floor {problem.floor:.4g}; the exact "
-        f"flow's samples score {problem.flow_score:.4g}, below which no deterministic sampler "
-        f"from the same x_T gets but by chance, so the aim of half the best peer's sliced W2 is "
-        f"out of reach whenever that peer is within twice of it):"
-    ]
-    noise = abs(problem.floor - problem.flow_score)
-    top = max(r["budget"] for r in records)
-    floor = _best(records, "", top, METRIC)
-    scopes = [("default grids", [r for r in records if "grid=tuned" not in r["solver"]])]
-    if len(scopes[0][1]) < len(records):
-        scopes.append(("tuned grids included", list(records)))
-    for scope, recs in scopes:
-        lines += [
-            _vs_best_peer(recs, METRIC, 10, scope, noise),
-            _vs_best_peer(recs, FLOW_METRIC, 10, scope),
-            _vs_floor(recs, floor, top, scope),
-        ]
-    return lines
-
-
-def log_p0_table(records: Sequence[dict], problem: Problem) -> str:
-    """Mean exact log p_0 of the samples, per method and budget (true data in the header)."""
-    return f"mean log p_0 (true data: {problem.data_log_p0:.4f})\n\n" + markdown_table(
-        records, "mean_log_p0", column="budget"
-    )
-
-
-def ablation(problem: Problem, budgets: Sequence[int], cache: dict) -> list[dict]:
-    """Our deterministic few-step solvers over every grid, where the grid ends (t_end) and
-    whether the final Tweedie step is taken: which general setting helps, at every budget."""
-    t_ends = (None, problem.sde.t_min, 0.01, 0.05)  # None: the default, grids.final_time
-    records = []
-    for solver in [s for s in ("dpm_solver", "unipc", "heun", "ddim") if s in SOLVERS]:
-        for grid in GRIDS:
-            for t_end in t_ends:
-                for denoise in (True, False):
-                    m = ours(solver, grid=grid, t_end=t_end, denoise=denoise)
-                    records += [run_method(problem, m, b, cache) for b in budgets]
-    return records
+def detail_table(records: Sequence[dict]) -> str:
+    """Every sampler's error (counted NFE) at every budget."""
+    budgets = sorted({r["budget"] for r in records})
+    rows = []
+    for label in dict.fromkeys(r["solver"] for r in records):
+        cells = [label]
+        for b in budgets:
+            r = next((r for r in records if r["solver"] == label and r["budget"] == b), None)
+            if r is None:
+                cells.append("")
+            elif r["error"] is None:
+                cells.append(r["status"])
+            else:
+                cells.append(f"{r['error']:.3g} ({r['nfe']})")
+        rows.append(cells)
+    return md_table(["sampler \\ NFE", *map(str, budgets)], rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a ~1.5-minute smoke subset")
-    parser.add_argument("--dims", type=int, nargs="+", default=None, help="default: 2 16")
-    parser.add_argument("--nfe", type=int, nargs="+", default=None, help=f"default: {NFES}")
-    parser.add_argument("--samples", type=int, nargs="+", default=None, help="per dim")
-    parser.add_argument("--projections", type=int, default=None, help="sliced W2 directions")
-    parser.add_argument(
-        "--solvers", nargs="+", default=None, help=f"ours (default all: {', '.join(SOLVERS)})"
-    )
-    parser.add_argument(
-        "--peers", nargs="*", default=None, help="diffusers schedulers ('--peers' alone: none)"
-    )
-    parser.add_argument(
-        "--flow-tol", type=float, default=None, help=f"exact-flow tolerance (default {FLOW_TOL})"
-    )
-    parser.add_argument(
-        "--no-tuned", action="store_true", help=f"skip the tuned-grid rows ({', '.join(TUNED)})"
-    )
-    parser.add_argument(
-        "--ablation", action="store_true", help="also grids x t_end x denoise at NFE 10, 20"
-    )
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads (more only on an idle machine)"
-    )
-    parser.add_argument("--out", type=Path, default=HERE, help="where the .png and .md go")
+    parser.add_argument("--quick", action="store_true", help="3 problems x 2 schedules")
+    parser.add_argument("--schedules", nargs="+", default=None, choices=list(SCHEDULES))
+    parser.add_argument("--problems", nargs="+", default=None, help="names containing these")
+    parser.add_argument("--peers", nargs="+", default=None, help="peer labels containing these")
+    parser.add_argument("--tuned", action="store_true", help="also tune_grid rows (slow)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    schedules = args.schedules or (["ddpm", "cosine"] if args.quick else list(SCHEDULES))
 
-    dims = args.dims or ([2] if args.quick else [2, 16])
-    budgets = sorted(args.nfe or ((5, 10, 20, 100) if args.quick else NFES))
-    samples = args.samples or ([2000] if args.quick else [4000, 2000])
-    samples = samples + [samples[-1]] * (len(dims) - len(samples))
-    projections = args.projections or (128 if args.quick else 512)
-    flow_tol = args.flow_tol or (1e-5 if args.quick else FLOW_TOL)
-    solvers = args.solvers or list(SOLVERS)
-    unknown = sorted(set(solvers) - set(SOLVERS))
-    if unknown:
-        parser.error(f"unknown solvers {unknown}; valid choices: {', '.join(SOLVERS)}")
-    methods = [ours(s) for s in solvers]
-    tuning_logs: dict[str, dict] = {s: {} for s in TUNED if s in solvers and not args.no_tuned}
-    tuned_methods = [tuned(s, log) for s, log in tuning_logs.items()]
-    peers = PEERS if args.peers is None else args.peers
+    default = ours("default")
+    methods = [
+        default,
+        ours("dpm_solver (data, Tweedie)", solver="dpm_solver"),
+        ours("unipc (data, Tweedie)", solver="unipc"),
+        ours("unipc noise", solver="unipc", prediction="noise", lower_order_final=False),
+    ]
+    peers = [from_peer(p) for p in diffusers_peers()]
     try:
-        methods += [peer(p) for p in peers]
-    except ImportError:
-        print("diffusers is not installed: running without peers")
+        peers += [from_peer(p) for p in k_diffusion_peers()]
+    except ImportError as e:
+        print(f"running without k-diffusion: {e}")
+    if args.peers is not None:
+        peers = [p for p in peers if any(k in p.label for k in args.peers)]
+    suite = {
+        k: v
+        for k, v in problems(args.quick).items()
+        if args.problems is None or any(name in k for name in args.problems)
+    }
+    tuning_log: dict = {}
+    tuned_method = tuned(tuning_log) if args.tuned else None
 
-    start = time.perf_counter()
-    cache: dict = {}
-    all_records, floors, text = [], {}, []
-    for dim, n in zip(dims, samples, strict=True):
-        problem = make_problem(dim, n, projections, flow_tol)
-        records = [run_method(problem, m, b, cache) for m in methods for b in budgets]
-        records += [
-            run_method(problem, m, b, cache)
-            for m in tuned_methods
-            for b in budgets
-            if b in TUNED_BUDGETS
-        ]
-        all_records += records
-        floors[(problem.name,)] = problem.floor
-        header = (
-            f"## {problem.name}: {METRIC} of {n} samples against {REFERENCE_FACTOR * n} fresh "
-            f"samples of p_0, {projections} "
-            f"projections (data-vs-data floor {problem.floor:.4g}); cells: value (counted NFE)"
-        )
-        section = [
-            header,
-            markdown_table(records, METRIC, column="budget"),
-            f"{FLOW_METRIC}: sliced W2 to the exact flow of the same x_T (dopri5, tol {flow_tol})",
-            markdown_table(records, FLOW_METRIC, column="budget"),
-            log_p0_table(records, problem),
-            "\n".join(goals(problem, records)),
-        ]
-        if tuned_methods:
-            section.insert(-1, tuning_note(problem, tuning_logs))
-        if args.ablation:
-            ab = ablation(problem, [b for b in budgets if b in (10, 20)] or budgets[:2], cache)
-            section += [
-                f"Ablation on {problem.name} ({FLOW_METRIC}): grid x t_end x final denoise",
-                markdown_table(ab, FLOW_METRIC, column="budget"),
-            ]
-        for part in section:
-            print(part + "\n", flush=True)
-        text += section
+    start, cache, all_records, summary, text = time.perf_counter(), {}, [], [], []
+    for name, build in suite.items():
+        for schedule in schedules:
+            problem = make_problem(name, build(), schedule)
+            records = [evaluate(problem, m, b, cache) for m in methods + peers for b in NFES]
+            records.append(evaluate(problem, default, FLOOR_NFE, cache))
+            if tuned_method is not None:
+                records += [evaluate(problem, tuned_method, b, cache) for b in NFES]
+            all_records += records
+            summary.append(summary_row(problem, records, default.label))
+            if tuned_method is not None:
+                summary.append(summary_row(problem, records, tuned_method.label))
+                summary[-1][0] += " (tuned grid)"
+            section = [f"### {problem.name}, {problem.schedule} schedule ({problem.metric})",
+                       detail_table(records)]  # fmt: skip
+            print("\n\n".join(section) + "\n", flush=True)
+            print("| " + " | ".join(summary[-1]) + " |", flush=True)
+            text += section
     elapsed = time.perf_counter() - start
-    failed = [r for r in all_records if r["status"] == "error"]
-    for r in failed:
-        print(f"ERROR {r['sde']} {r['solver']} NFE {r['budget']}: {r['error']}")
+    header = ["problem, schedule", "error", *(f"NFE {b}: ours / best peer" for b in NFES),
+              f"NFE 20 / NFE {FLOOR_NFE}"]  # fmt: skip
+    table = md_table(header, summary)
+    tuning = [
+        f"{p}, {s}, {steps} steps: {fit.nfe} evaluations, {secs:.0f} s"
+        for (p, s, steps), (fit, secs) in tuning_log.items()
+    ]
     command = "python benchmarks/steps_vs_quality.py " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    plot_quality(
-        all_records,
-        (METRIC, FLOW_METRIC),
-        args.out / "steps_vs_quality.png",
-        ("sde",),
-        "solver",
-        floors,
-    )
     md = [
-        "# Steps against quality: exact-score oracle, our solvers and diffusers' schedulers",
-        f"Regenerate with `{command.strip()}` ({elapsed:.0f} s, {args.threads} torch thread(s)).",
+        "# Steps against quality: the default sampler against every peer, exact-score suite",
+        f"Regenerate with `{command.strip()}` ({elapsed:.0f} s, {args.threads} torch thread(s)). "
+        "Errors: exact KL for the Gaussians, sliced W2 to the exact flow of the same x_T for the "
+        "mixtures. Ratios below 1: our default beats the best peer setting at that NFE.",
+        table,
+        *(["Tuning cost: " + "; ".join(tuning) + "."] if tuning else []),
+        "## Every sampler",
         *text,
     ]
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "steps_vs_quality.md").write_text("\n\n".join(md) + "\n")
-    print(f"{elapsed:.0f} s; wrote {args.out / 'steps_vs_quality.png'} and .md")
-    return 1 if failed else 0
+    labels = [default.label] + ([tuned_method.label] if tuned_method else [])
+    plot_ratios(all_records, labels, schedules, args.out / "steps_vs_quality.png")
+    print(table)
+    print(f"{elapsed:.0f} s; wrote {args.out / 'steps_vs_quality.md'} and .png")
+    return 0
+
+
+def plot_ratios(records: Sequence[dict], labels: Sequence[str], schedules: Sequence[str],
+                path: Path) -> None:  # fmt: skip
+    """Ours / best peer against the NFE: one panel per schedule, one colour per problem, solid
+    for the default and dashed for the tuned grid; below the line at 1 ours wins."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["problem"] for r in records))
+    fig, axes = plt.subplots(1, len(schedules), figsize=(5 * len(schedules), 4.5), squeeze=False)
+    for ax, schedule in zip(axes[0], schedules, strict=True):
+        for i, name in enumerate(names):
+            group = [r for r in records if (r["problem"], r["schedule"]) == (name, schedule)]
+            for label, style in zip(labels, ("-", "--"), strict=False):
+                points = []
+                for b in NFES:
+                    me = next((r for r in group if r["solver"] == label and r["budget"] == b), None)
+                    peer = _best(group, b, mine=False)
+                    if me and me["error"] is not None and peer:
+                        points.append((b, me["error"] / peer["error"]))
+                if points:
+                    ax.plot(*zip(*points, strict=True), style, color=f"C{i}", marker="o",
+                            label=name if style == "-" else None)  # fmt: skip
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set(xscale="log", yscale="log", title=f"{schedule}: ours / best peer (dashed: tuned)",
+               xlabel="NFE", xticks=list(NFES), xticklabels=list(map(str, NFES)))  # fmt: skip
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -17,22 +17,127 @@ is in each run's metrics.json).
         hydra.run.dir=outputs/digits                                           # ~25 min CPU
     python benchmarks/steps_vs_quality_trained.py --ckpt <digits ckpt> --metric frechet_distance \\
         --samples 1000 --out outputs/bench_digits
+
+`--peers` instead compares, through the same network, our default (`sample(steps=n)`), our
+named solvers with their Tweedie step, and every peer of steps_vs_quality_peers.py (diffusers'
+schedulers and, if installed, k-diffusion's samplers) at NFE 5, 10, 20, 50 on common x_T, and
+writes peers.md into --out: sliced W2 to held-out data for points, Frechet distance in the
+digits classifier's features for images. Budgets are matched on counted evaluations.
+
+    python benchmarks/steps_vs_quality_trained.py --peers \\
+        --ckpt outputs/swiss/checkpoints/step_00002000.safetensors --out outputs/bench_swiss
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import torch
+from torch import Tensor
+
+from sde_diffusion import load_score_fn
 from sde_diffusion.apps import report
 from sde_diffusion.apps.hydra_app import compose_config
 from sde_diffusion.apps.sample import run
-from sde_diffusion.solvers import SOLVERS
+from sde_diffusion.data import DataConfig, load_data
+from sde_diffusion.metrics import SlicedW2, image_metrics
+from sde_diffusion.solvers import SOLVERS, sample
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from steps_vs_quality_peers import diffusers_peers, k_diffusion_peers, steps_for_budget
+
+PEER_NFE = (5, 10, 20, 50)
+TRIM = 0.99
 
 NFE = (5, 10, 20, 50, 100, 250, 1000)
 #: score evaluations per step, to match budgets (heun: 2 per step but 1 on the last; pc: 2)
 EVALS_PER_STEP = {"heun": 2, "pc": 2}
 TUNED_NFE = 20  # tuned grids at budgets up to this one
+
+
+Sampler = Callable[[Tensor, int], tuple[Tensor, int]]
+
+
+def samplers(score_fn, sde) -> dict[str, Sampler]:
+    """Ours and every peer as run(x_T, steps) -> (samples, counted NFE), on one network."""
+
+    def ours(**kw: object) -> Sampler:
+        def go(x_T: Tensor, steps: int) -> tuple[Tensor, int]:
+            res = sample(score_fn, sde, x_T, steps=steps, return_info=True, **kw)
+            return res.samples, res.nfe
+
+        return go
+
+    out = {"ours: default": ours()}
+    out |= {f"ours: {s} (Tweedie)": ours(solver=s) for s in ("dpm_solver", "unipc")}
+    peers = diffusers_peers()
+    try:
+        peers += k_diffusion_peers()
+    except ImportError as e:
+        print(f"running without k-diffusion: {e}")
+    for p in peers:
+        out[p.label] = lambda x_T, steps, p=p: p.run(score_fn, sde, x_T, steps, 0)
+    return out
+
+
+@torch.no_grad()
+def peer_table(ckpt: str, nfes: list[int], n: int, out: Path) -> str:
+    """Every sampler of `samplers` at each budget on the same x_T: Markdown tables of the metric
+    (sliced W2 to held-out points, or Frechet distance for images) with counted NFE. For points
+    also on the samples of the 99% of x_T nearest the origin (TRIM): the far tail of the prior
+    ends where the network saw no data (README), which swamps the sliced W2 of every sampler
+    that follows the network's flow there."""
+    score_fn, sde, meta = load_score_fn(ckpt)
+    data = load_data(DataConfig(**meta["config"]["data"]))
+    x_T = sde.prior_std() * torch.randn(n, *data.shape, generator=torch.Generator().manual_seed(0))
+    images = x_T.ndim == 4
+    radius = x_T.flatten(1).norm(dim=1)
+    kept = radius <= torch.quantile(radius, TRIM)
+
+    def metrics(x: Tensor) -> list[float]:
+        if images:
+            return [image_metrics(x.float(), data.test.float())["frechet_distance"]]
+        g = torch.Generator().manual_seed(7)
+        return [float(SlicedW2(data.test, 512, g)(y)) for y in (x, x[kept])]
+
+    names = ["Frechet distance"] if images else ["sliced W2", f"sliced W2, {TRIM:.0%} of x_T"]
+    rows: list[list[str]] = [[] for _ in names]
+    start = time.perf_counter()
+    for label, go in samplers(score_fn, sde).items():
+        counted: dict[int, int] = {}
+
+        def nfe(steps: int, go=go, counted=counted) -> int:
+            if steps not in counted:
+                counted[steps] = go(x_T[:1], steps)[1]
+            return counted[steps]
+
+        cells: list[list[str]] = [[] for _ in names]
+        for b in nfes:
+            try:
+                x, used = go(x_T, steps_for_budget(nfe, b))
+                for c, value in zip(cells, metrics(x), strict=True):
+                    c.append(f"{value:.4g} ({used})")
+            except Exception as e:  # a failing sampler is a table entry
+                for c in cells:
+                    c.append(type(e).__name__)
+        for r, c in zip(rows, cells, strict=True):
+            r.append(f"| {label} | " + " | ".join(c) + " |")
+        print(rows[-1][-1], flush=True)
+    head = [
+        "| sampler \\ NFE | " + " | ".join(map(str, nfes)) + " |",
+        "|---" * (len(nfes) + 1) + "|",
+    ]
+    text = [f"{n} samples from common x_T, {time.perf_counter() - start:.0f} s; cells: value "
+            "(counted NFE)"]  # fmt: skip
+    for name, r in zip(names, rows, strict=True):
+        text += [f"## {name}", "\n".join([*head, *r])]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "peers.md").write_text(f"# Peers through {ckpt}\n\n" + "\n\n".join(text) + "\n")
+    return "\n\n".join(text)
 
 
 def main() -> None:
@@ -45,9 +150,14 @@ def main() -> None:
     p.add_argument("--metric", default="sliced_w2")
     p.add_argument("--tuned", nargs="*", default=[], help="solvers to run on tuned grids too")
     p.add_argument("--pilot", type=int, default=256, help="prior draws a tuned grid is fitted on")
+    p.add_argument("--peers", action="store_true", help=f"ours vs peers at NFE {PEER_NFE}")
     args = p.parse_args()
     if not Path(args.ckpt).is_file():
         p.error(f"checkpoint {args.ckpt} does not exist")
+    if args.peers:
+        torch.set_num_threads(1)
+        print(peer_table(args.ckpt, list(PEER_NFE), args.samples, args.out))
+        return
     runs = [(solver, nfe, "", []) for solver in args.solvers for nfe in args.nfe]
     tuned = ["solver.grid=tuned", f"tune.pilot={args.pilot}"]
     runs += [(s, n, "_tuned", tuned) for s in args.tuned for n in args.nfe if n <= TUNED_NFE]

@@ -365,6 +365,9 @@ ORDER_CASES = [
     ("unipc", {"order": 1}, 2),
     ("unipc", {"order": 2}, 3),
     ("unipc", {"order": 3}, 4),
+    ("dpm_solver", {"order": 2, "prediction": "noise"}, 2),
+    ("dpm_solver", {"order": 3, "prediction": "noise"}, 3),
+    ("unipc", {"order": 2, "prediction": "noise"}, 3),
 ]
 SINGLESTEP_SLOW = [
     pytest.param(*case, marks=pytest.mark.slow) if case[1].get("method") else case
@@ -439,22 +442,30 @@ def test_order_on_a_mixture_against_a_fine_reference(ring_reference, solver, par
     st.lists(st.floats(-3.0, -0.05), min_size=0, max_size=2, unique=True),
     st.booleans(),
     st.floats(0.01, 3.0),
+    st.sampled_from(["data", "noise"]),
 )
-def test_interpolant_weights_integrate_the_lagrange_polynomial(past, with_t, h):
-    """The weights of `_interpolant_step` against scipy's quadrature of e^{-(h-u)} times each
-    Lagrange basis polynomial: past nodes (multiples of h before lambda_s), lambda_s itself and,
-    for a corrector, lambda_t = lambda_s + h."""
+def test_interpolant_weights_integrate_the_lagrange_polynomial(past, with_t, h, prediction):
+    """The weights of `_interpolant_step` against scipy's quadrature of the kernel (e^{-(h-u)}
+    for data prediction, e^{h-u} for noise prediction) times each Lagrange basis polynomial:
+    past nodes (multiples of h before lambda_s), lambda_s itself and, for a corrector,
+    lambda_t = lambda_s + h."""
     u = sorted({0.0, *(p * h for p in past), *([h] if with_t else [])})
     assume(all(b - a > 1e-2 * h for a, b in itertools.pairwise(u)))
     f64 = torch.float64
-    weights = _interpolant_weights(torch.tensor(u, dtype=f64), torch.tensor(h, dtype=f64))
+    weights = _interpolant_weights(
+        torch.tensor(u, dtype=f64), torch.tensor(h, dtype=f64), prediction
+    )
+    sign = -1.0 if prediction == "data" else 1.0
     for i, u_i in enumerate(u):
         others = [u_j for u_j in u if u_j != u_i]
 
         def basis(v, u_i=u_i, others=others):
             return np.prod([(v - u_j) / (u_i - u_j) for u_j in others])
 
-        exact = quad(lambda v, basis=basis: np.exp(-(h - v)) * basis(v), 0, h, epsabs=1e-13)[0]
+        def integrand(v, basis=basis):
+            return np.exp(sign * (h - v)) * basis(v)
+
+        exact = quad(integrand, 0, h, epsabs=1e-13)[0]
         assert abs(float(weights[i]) - exact) < 1e-9 * max(1.0, abs(exact)), (u, h, i)
 
 

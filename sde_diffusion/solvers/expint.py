@@ -24,10 +24,12 @@ from ._registry import Callback, at, register, steps
 
 METHODS = ("multistep", "singlestep")
 ORDERS = (1, 2, 3)
+#: what the multistep solvers interpolate in lambda: x0 (DPM-Solver++) or eps (DPM-Solver, DEIS)
+PREDICTIONS = ("data", "noise")
 #: grids with fewer steps than this take lower orders at their last steps (lower_order_final)
 LOWER_ORDER_FINAL_BELOW = 15
 
-__all__ = ["METHODS", "ORDERS", "dpm_solver_pp", "unipc"]
+__all__ = ["METHODS", "ORDERS", "PREDICTIONS", "dpm_solver_pp", "unipc"]
 
 
 def _data_prediction(score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor) -> Tensor:
@@ -37,6 +39,13 @@ def _data_prediction(score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor) -> Tenso
     return (x + sigma * sigma * score_fn(x, at(t, x))) / gamma
 
 
+def _model_output(score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor, prediction: str) -> Tensor:
+    """What the multistep loop interpolates: x0 (data) or eps = -sigma_t score (noise)."""
+    if prediction == "data":
+        return _data_prediction(score_fn, sde, x, t)
+    return -sde.marginal(t)[1] * score_fn(x, at(t, x))
+
+
 def _first_order(
     x: Tensor, m: Tensor, sig_s: Tensor, sig_t: Tensor, gam_t: Tensor, h: Tensor
 ) -> Tensor:
@@ -44,24 +53,45 @@ def _first_order(
     return (sig_t / sig_s) * x - (gam_t * torch.expm1(-h)) * m
 
 
-def _interpolant_weights(offsets: Tensor, h: Tensor) -> list[float]:
-    """Weights b with integral_0^h e^{-(h-u)} P(lambda_s + u) du = sum_i b_i m_i, where P is the
-    polynomial through (lambda_s + offsets[i], m_i) (one offset is 0); offsets and h are float64
-    on the host.
+def _interpolant_weights(offsets: Tensor, h: Tensor, prediction: str = "data") -> list[float]:
+    """Weights b with integral_0^h w(u) P(lambda_s + u) du = sum_i b_i m_i, where P is the
+    polynomial through (lambda_s + offsets[i], m_i) (one offset is 0) and the kernel is
+    w(u) = e^{-(h-u)} for data prediction, e^{h-u} for noise prediction; offsets and h are
+    float64 on the host.
 
     Writing P(lambda_s + u) = sum_j c_j u^j / j! (c_j = P's j-th derivative at lambda_s, V c = m
-    with the Vandermonde matrix V_ij = u_i^j / j!), the integral is sum_j psi_j c_j with
+    with the Vandermonde matrix V_ij = u_i^j / j!), the integral is sum_j psi_j c_j with, by parts,
 
-        psi_j = integral_0^h e^{-(h-u)} u^j / j! du:  psi_0 = 1 - e^{-h},  psi_j = h^j / j! - psi_{j-1}
+        data:   psi_j = integral_0^h e^{-(h-u)} u^j / j! du,  psi_0 = 1 - e^{-h},  psi_j = h^j / j! - psi_{j-1}
+        noise:  psi_j = integral_0^h e^{h-u} u^j / j! du,     psi_0 = e^h - 1,     psi_j = psi_{j-1} - h^j / j!
 
-    (by parts), so b solves V^T b = psi. Float64 because the psi_j cancel for small h; on the
-    host, from a grid converted once per run, so no step waits on the device.
+    so b solves V^T b = psi. Float64 because the psi_j cancel for small h; on the host, from a
+    grid converted once per run, so no step waits on the device.
     """
-    psi = [-torch.expm1(-h)]
-    for j in range(1, len(offsets)):
-        psi.append(h**j / math.factorial(j) - psi[-1])
+    if prediction == "data":
+        psi = [-torch.expm1(-h)]
+        for j in range(1, len(offsets)):
+            psi.append(h**j / math.factorial(j) - psi[-1])
+    else:
+        psi = [torch.expm1(h)]
+        for j in range(1, len(offsets)):
+            psi.append(psi[-1] - h**j / math.factorial(j))
+    return _solve_transposed_vandermonde(offsets, psi)
+
+
+def _solve_transposed_vandermonde(offsets: Tensor, rhs: list[Tensor]) -> list[float]:
+    """b with V^T b = rhs, V_ij = offsets_i^j / j!: the weights that map values at the nodes to
+    the functional sum_j rhs_j c_j of the interpolating polynomial's Taylor coefficients c."""
     vandermonde = torch.stack([offsets**j / math.factorial(j) for j in range(len(offsets))], 1)
-    return torch.linalg.solve(vandermonde.T, torch.stack(psi)).tolist()
+    return torch.linalg.solve(vandermonde.T, torch.stack(rhs)).tolist()
+
+
+def _extrapolation_weights(offsets: Tensor, h: Tensor) -> list[float]:
+    """Lagrange weights w with P(lambda_s + h) = sum_i w_i m_i for the polynomial P through
+    (lambda_s + offsets[i], m_i): the functional is the value at h, rhs_j = h^j / j!."""
+    return _solve_transposed_vandermonde(
+        offsets, [h**j / math.factorial(j) for j in range(len(offsets))]
+    )
 
 
 def _interpolant_step(
@@ -70,14 +100,19 @@ def _interpolant_step(
     lam: Tensor,
     lam_s: Tensor,
     lam_t: Tensor,
-    sig_s: Tensor,
-    sig_t: Tensor,
-    gam_t: Tensor,
+    marginal_s: tuple[Tensor, Tensor],
+    marginal_t: tuple[Tensor, Tensor],
+    prediction: str = "data",
 ) -> Tensor:
-    """From s to t, integrating exactly the polynomial in lambda through the x0 predictions m at
-    log-SNRs lam (host float64; an exponential Adams method, of order len(m)):
+    """From s to t, integrating exactly the polynomial in lambda through the model outputs m at
+    log-SNRs lam (host float64; an exponential Adams method, of order len(m)); marginal_s and
+    marginal_t are (gamma, sigma) at s and t. For x0 predictions (data):
 
-        x_t = (sigma_t / sigma_s) x_s + gamma_t integral_0^h e^{-(h-u)} P(lambda_s + u) du.
+        x_t = (sigma_t / sigma_s) x_s + gamma_t integral_0^h e^{-(h-u)} P(lambda_s + u) du,
+
+    and for eps predictions (noise; DPM-Solver's and DEIS's form of the same ODE):
+
+        x_t = (gamma_t / gamma_s) x_s - sigma_t integral_0^h e^{h-u} P(lambda_s + u) du.
 
     Through the last three x0 this is DPM-Solver++(3M); in divided differences D1 ~ h x0' and
     D2 ~ h^2 x0'' it reads
@@ -91,8 +126,12 @@ def _interpolant_step(
     grids of 20-160 steps, where this one gives 3.0; tests/test_solvers_diffusers.py pins that
     the two differ by that term alone).
     """
-    b = _interpolant_weights(lam - lam_s, lam_t - lam_s)
-    return (sig_t / sig_s) * x + gam_t * sum(b_i * m_i for b_i, m_i in zip(b, m, strict=True))
+    b = _interpolant_weights(lam - lam_s, lam_t - lam_s, prediction)
+    integral = sum(b_i * m_i for b_i, m_i in zip(b, m, strict=True))
+    (gam_s, sig_s), (gam_t, sig_t) = marginal_s, marginal_t
+    if prediction == "data":
+        return (sig_t / sig_s) * x + gam_t * integral
+    return (gam_t / gam_s) * x - sig_t * integral
 
 
 def _multistep_update(
@@ -150,15 +189,21 @@ def _multistep(
     order: int,
     lower_order_final: bool,
     corrector: bool,
+    prediction: str,
+    to_zero: bool,
     callback: Callback | None,
 ) -> Tensor:
     """The multistep loop shared by DPM-Solver++ (predictor only) and UniPC (with corrector).
 
-    Step i evaluates x0 at (x_i, t_i) and predicts x_{i+1} from the last k x0 predictions, with
+    Step i evaluates the model output m (x0, or eps with prediction="noise") at (x_i, t_i) and
+    predicts x_{i+1} from the last k of them, with
     k = min(order, i + 1) (warm-up) and, under `lower_order_final` on grids of fewer than 15
     steps, k <= steps left. With `corrector`, that same evaluation first corrects x_i: the step
     from t_{i-1} is redone through the polynomial that also passes through the new x0 (one more
-    node, one more order, no extra evaluation), while the uncorrected x0 stays in the history.
+    node, one more order, no extra evaluation), while the uncorrected output stays in the history.
+    With `to_zero` (noise prediction), a last step from the grid's end to sigma = 0 that evaluates
+    nothing: the first-order step x_0 = (x - sigma eps) / gamma with eps the last step's own
+    polynomial extrapolated to the grid's end.
     """
     n = len(ts) - 1
     lam = sde.log_snr(ts)
@@ -168,7 +213,7 @@ def _multistep(
     x_prev, k = x, 0
 
     def adams(x_s: Tensor, nodes: list[Tensor], first: int, s: int) -> Tensor:
-        """`_interpolant_step` from ts[s] to ts[s + 1] through x0 at ts[first:first + len]."""
+        """`_interpolant_step` from ts[s] to ts[s + 1] through m at ts[first:first + len]."""
         lam_nodes = lam_host[first : first + len(nodes)]
         return _interpolant_step(
             x_s,
@@ -176,13 +221,13 @@ def _multistep(
             lam_nodes,
             lam_host[s],
             lam_host[s + 1],
-            sigma[s],
-            sigma[s + 1],
-            gamma[s + 1],
+            (gamma[s], sigma[s]),
+            (gamma[s + 1], sigma[s + 1]),
+            prediction,
         )
 
     for i, (t_prev, t) in steps(ts):
-        m = _data_prediction(score_fn, sde, x, t_prev)
+        m = _model_output(score_fn, sde, x, t_prev, prediction)
         if corrector and i > 0:
             x = adams(x_prev, [*history[-k:], m], i - k, i - 1)
         history = [*history, m][-order:]
@@ -190,7 +235,7 @@ def _multistep(
         if lower_order_final and n < LOWER_ORDER_FINAL_BELOW:
             k = min(k, n - i)
         x_prev = x
-        if k > 2:
+        if k > 2 or prediction == "noise":
             x = adams(x, history[-k:], i - k + 1, i)
         else:
             x = _multistep_update(
@@ -198,6 +243,12 @@ def _multistep(
             )
         if callback is not None:
             callback(i, t, x)
+    if to_zero:
+        w = _extrapolation_weights(
+            lam_host[n - k : n] - lam_host[n - 1], lam_host[n] - lam_host[n - 1]
+        )
+        eps = sum(w_i * m_i for w_i, m_i in zip(w, history[-k:], strict=True))
+        x = (x - sigma[n] * eps) / gamma[n]
     return x
 
 
@@ -211,6 +262,8 @@ def dpm_solver_pp(
     order: int = 2,
     method: str = "multistep",
     lower_order_final: bool = True,
+    prediction: str = "data",
+    to_zero: bool = False,
     callback: Callback | None = None,
 ) -> Tensor:
     """DPM-Solver++ with data prediction over the grid ts (default: uniform in log-SNR).
@@ -229,10 +282,16 @@ def dpm_solver_pp(
     final first-order step to sigma = 0 returns the data prediction, i.e. Tweedie.
     """
     _check_order(order)
+    _check_prediction(prediction)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid choices: {', '.join(METHODS)}")
+    _check_to_zero(to_zero, prediction)
+    if method == "singlestep" and (prediction != "data" or to_zero):
+        raise ValueError("method='singlestep' takes data prediction only, without to_zero")
     if method == "multistep":
-        return _multistep(score_fn, sde, x, ts, order, lower_order_final, False, callback)
+        return _multistep(
+            score_fn, sde, x, ts, order, lower_order_final, False, prediction, to_zero, callback
+        )
     for i, (t_prev, t) in steps(ts):
         x = _singlestep_update(score_fn, sde, x, t_prev, t, order)
         if callback is not None:
@@ -249,6 +308,8 @@ def unipc(
     *,
     order: int = 3,
     lower_order_final: bool = True,
+    prediction: str = "data",
+    to_zero: bool = False,
     callback: Callback | None = None,
 ) -> Tensor:
     """UniPC (Zhao et al. 2023, "UniPC: A unified predictor-corrector framework for fast sampling
@@ -265,7 +326,25 @@ def unipc(
     mixtures of benchmarks/steps_vs_quality.py; order 2 suits guided sampling. NFE: steps.
     """
     _check_order(order)
-    return _multistep(score_fn, sde, x, ts, order, lower_order_final, True, callback)
+    _check_prediction(prediction)
+    _check_to_zero(to_zero, prediction)
+    return _multistep(
+        score_fn, sde, x, ts, order, lower_order_final, True, prediction, to_zero, callback
+    )
+
+
+def _check_prediction(prediction: str) -> None:
+    if prediction not in PREDICTIONS:
+        raise ValueError(
+            f"unknown prediction {prediction!r}; valid choices: {', '.join(PREDICTIONS)}"
+        )
+
+
+def _check_to_zero(to_zero: bool, prediction: str) -> None:
+    # with x0 predictions the step to sigma = 0 would return the extrapolated x0 itself, its
+    # error no longer damped by sigma at the grid's end
+    if to_zero and prediction != "noise":
+        raise ValueError("to_zero needs prediction='noise'")
 
 
 def _check_order(order: int) -> None:

@@ -2,10 +2,11 @@
 closest to that score's own probability-flow ODE.
 
 At 5-20 evaluations the grid decides most of a solver's error, and which grid is best depends on
-the data: on the oracle mixtures of benchmarks/steps_vs_quality.py a grid quadratic in t halves
-the 10-step error of DPM-Solver++ and UniPC against uniform log-SNR steps in 2-D and doubles it
-in 16-D (benchmarks/steps_vs_quality_ablation.md). `tune_grid` therefore measures instead of
-guessing, in the spirit of the learned and optimised schedules of Watson et al. (2021), Sabour
+the data: on two oracle mixtures a grid quadratic in t halved the 10-step error of DPM-Solver++
+and UniPC against uniform log-SNR steps in 2-D and doubled it in 16-D
+(benchmarks/steps_vs_quality_ablation.md, the benchmark before issue 11), and on the suite of
+benchmarks/steps_vs_quality.py the best peer grid changes with the problem. `tune_grid`
+therefore measures instead of guessing, in the spirit of the learned and optimised schedules of Watson et al. (2021), Sabour
 et al. ("Align Your Steps", 2024) and Xue et al. (2024): on a pilot batch of prior draws it
 solves the probability-flow ODE accurately once (adaptive dopri5), then moves the grid's
 log-SNRs to minimise the mean squared distance between the solver's samples and those exact
@@ -29,10 +30,12 @@ from .._tensor import check_callable, check_int
 from ..sde import SDE, ScoreFn, check_sde
 from ._registry import SOLVERS, generator_noise, get_solver
 from .grids import resolve_grid
-from .sampling import initial_state, sample
+from .sampling import DEFAULT_PARAMS, default_solver, initial_state, sample
 
 #: the reference flow of the pilot: dopri5 at this relative and absolute tolerance
 REFERENCE_TOL = 1e-5
+#: the first simplex around a pinned start: each log step ratio moved by this much
+SIMPLEX = 0.3
 
 __all__ = ["TunedGrid", "UntunableSolverError", "tunable_solvers", "tune_grid"]
 
@@ -62,23 +65,27 @@ class TunedGrid:
     nfe: int
 
 
-def _fractions_to_grid(theta: np.ndarray, lam_T: float, lam_max: float, sde: SDE) -> Tensor:
+def _fractions_to_grid(
+    theta: np.ndarray, lam_T: float, lam_max: float, sde: SDE, pinned: bool = False
+) -> Tensor:
     """Softmax(theta, 0) splits [lambda_T, lambda_max] into len(theta) + 1 parts: the first
     len(theta) are the grid's steps, the last what is left above its end (theta_i = log of step
     i over that remainder). Every theta gives a strictly decreasing grid from T to a time above
-    t_min."""
+    t_min; `pinned`: the last part is the grid's last step too, so that it ends at t_min."""
     theta = np.append(theta, 0.0)
     w = np.exp(theta - theta.max())
-    lam = lam_T + (lam_max - lam_T) * np.concatenate([[0.0], np.cumsum(w / w.sum())[:-1]])
-    ts = sde.t_from_log_snr(torch.as_tensor(lam, dtype=torch.float64))
+    lam = lam_T + (lam_max - lam_T) * np.concatenate([[0.0], np.cumsum(w / w.sum())])
+    ts = sde.t_from_log_snr(torch.as_tensor(lam if pinned else lam[:-1], dtype=torch.float64))
     ts[0] = float(sde.T)
+    if pinned:
+        ts[-1] = float(sde.t_min)
     return ts
 
 
 def tune_grid(
     score_fn: ScoreFn,
     sde: SDE,
-    solver: str = "unipc",
+    solver: str | None = "unipc",
     steps: int = 10,
     pilot: Sequence[int] | Tensor = (256, 2),
     *,
@@ -92,26 +99,34 @@ def tune_grid(
 ) -> TunedGrid:
     """A grid of `steps` intervals for `solver` on `score_fn`, to pass as `sample(..., grid=ts)`.
 
+    solver: a registered name (its samples end with the Tweedie step, as `sample`'s for a named
+        solver), or None for `sample`'s default configuration (no Tweedie step; the grid keeps
+        its end at t_min and the tuning moves the points in between).
+
     pilot: the shape of the batch of prior draws to tune on (drawn with `generator` on `device`
         in `dtype`), or the draws x_T themselves; 256 draws tuned the oracle mixtures of 2 and
         16 dimensions as well as 1024.
     trials: grids tried (each costs `steps` + 1 evaluations on the pilot batch).
     reference: the pilot's exact probability-flow samples, if known; by default dopri5 at
         tolerance REFERENCE_TOL from the same draws.
-    The search starts from the solver's default grid (ending at `grids.final_time`) and keeps
-    the best grid seen, so the tuned grid is never worse than it on the pilot. Samples end with
-    the Tweedie step, as `sample`'s default. Only deterministic solvers that step on the grid
-    can be tuned (`tunable_solvers()`): a stochastic one has no flow to be brought close to.
+    The search starts from the solver's default grid (ending at `grids.final_time`, or t_min
+    for the default configuration) and keeps the best grid seen, so the tuned grid is never
+    worse than it on the pilot. Only deterministic solvers that step on the grid can be tuned
+    (`tunable_solvers()`): a stochastic one has no flow to be brought close to.
     """
     check_callable(score_fn, "score_fn")
     check_sde(sde)
-    if solver not in tunable_solvers():
+    pinned = solver is None
+    if pinned:
+        solver_params = {**DEFAULT_PARAMS, **solver_params}
+    elif solver not in tunable_solvers():
         raise UntunableSolverError(
             f"cannot tune a grid for solver {solver!r}; valid choices (deterministic, stepping "
             f"on the grid): {', '.join(tunable_solvers())}"
         )
-    steps, trials = check_int(steps, "steps"), check_int(trials, "trials")
-    get_solver(solver).check_params(solver_params)
+    steps, trials = check_int(steps, "steps", 1 + pinned), check_int(trials, "trials")
+    name = default_solver(sde, steps) if pinned else solver
+    get_solver(name).check_params(solver_params)
     x_T = initial_state(sde, pilot, generator_noise(generator), device, dtype, ("pilot", "pilot"))
     nfe = 0
     if reference is None:
@@ -122,20 +137,22 @@ def tune_grid(
         raise ValueError(
             f"reference has shape {tuple(reference.shape)}, the pilot {tuple(x_T.shape)}"
         )
-    start = resolve_grid(sde, None, steps, get_solver(solver).default_grid, denoise=True)
+    start = resolve_grid(sde, None, steps, get_solver(name).default_grid, denoise=not pinned)
     lam = sde.log_snr(start)
     lam_T = float(lam[0])
     lam_max = float(sde.log_snr(torch.tensor([float(sde.t_min)], dtype=torch.float64))[0])
-    # a default grid that ends at t_min (VP from 500 steps) keeps a sliver above its end
-    rest = max(lam_max - float(lam[-1]), 1e-6 * (lam_max - lam_T))
-    theta0 = torch.log((lam[1:] - lam[:-1]) / rest).numpy()
+    h = lam[1:] - lam[:-1]
+    if pinned:  # the last step is the reference part
+        theta0 = torch.log(h[:-1] / h[-1]).numpy()
+    else:  # a default grid that ends at t_min (VP from 500 steps) keeps a sliver above its end
+        theta0 = torch.log(h / max(lam_max - float(lam[-1]), 1e-6 * (lam_max - lam_T))).numpy()
     bar = tqdm(total=trials, desc=f"tuning {solver}", disable=not progress, leave=False)
     errors: list[float] = []  # errors[0] is the start's: Nelder-Mead evaluates x0 first
 
     def error(theta: np.ndarray) -> float:
         nonlocal nfe
         bar.update(1)
-        ts = _fractions_to_grid(theta, lam_T, lam_max, sde)
+        ts = _fractions_to_grid(theta, lam_T, lam_max, sde, pinned)
         res = sample(score_fn, sde, x_T, solver, grid=ts, return_info=True, **solver_params)
         nfe += res.nfe
         err = float((res.samples - reference).flatten(1).pow(2).sum(1).mean())
@@ -144,7 +161,9 @@ def tune_grid(
 
     with bar:
         options = {"maxfev": trials, "xatol": 1e-4, "fatol": 1e-10, "adaptive": True}
+        if pinned:  # theta0 = 0 on a uniform start, where scipy's default simplex is 2.5e-4 wide
+            options["initial_simplex"] = np.vstack([theta0, theta0 + SIMPLEX * np.eye(len(theta0))])
         # x0 is a vertex of the simplex and the best vertex comes back: never worse than the start
         found = minimize(error, theta0, method="Nelder-Mead", options=options)
-    grid = _fractions_to_grid(found.x, lam_T, lam_max, sde)
+    grid = _fractions_to_grid(found.x, lam_T, lam_max, sde, pinned)
     return TunedGrid(grid, float(found.fun), errors[0], len(errors), nfe)
