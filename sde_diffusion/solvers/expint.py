@@ -19,6 +19,7 @@ import math
 import torch
 from torch import Tensor
 
+from .._tensor import check_choice
 from ..sde import SDE, ScoreFn
 from ._registry import Callback, at, register, steps
 
@@ -282,9 +283,8 @@ def dpm_solver_pp(
     final first-order step to sigma = 0 returns the data prediction, i.e. Tweedie.
     """
     _check_order(order)
-    _check_prediction(prediction)
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid choices: {', '.join(METHODS)}")
+    check_choice("prediction", prediction, PREDICTIONS)
+    check_choice("method", method, METHODS)
     _check_to_zero(to_zero, prediction)
     if method == "singlestep" and (prediction != "data" or to_zero):
         raise ValueError("method='singlestep' takes data prediction only, without to_zero")
@@ -326,18 +326,11 @@ def unipc(
     mixtures of benchmarks/steps_vs_quality.py; order 2 suits guided sampling. NFE: steps.
     """
     _check_order(order)
-    _check_prediction(prediction)
+    check_choice("prediction", prediction, PREDICTIONS)
     _check_to_zero(to_zero, prediction)
     return _multistep(
         score_fn, sde, x, ts, order, lower_order_final, True, prediction, to_zero, callback
     )
-
-
-def _check_prediction(prediction: str) -> None:
-    if prediction not in PREDICTIONS:
-        raise ValueError(
-            f"unknown prediction {prediction!r}; valid choices: {', '.join(PREDICTIONS)}"
-        )
 
 
 def _check_to_zero(to_zero: bool, prediction: str) -> None:
