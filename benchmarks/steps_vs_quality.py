@@ -41,6 +41,7 @@ those rows are compared too, with what each fit cost.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
@@ -89,26 +90,53 @@ def anisotropic(dim: int, spread: float, seed: int) -> GaussianMixture:
     return GaussianMixture.gaussian(mean, u @ torch.diag(d) @ u.T)
 
 
-def scale_mixture(dim: int = 8, seed: int = 3) -> GaussianMixture:
-    """Four isotropic components with variances 1e-3, 1e-2, 1e-1 and 1 at random means."""
+def scale_mixture(
+    dim: int = 8, seed: int = 3, variances: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0)
+) -> GaussianMixture:
+    """Isotropic components with the given variances (default 1e-3, 1e-2, 1e-1 and 1) at random
+    means."""
     g = torch.Generator().manual_seed(seed)
-    variances = torch.tensor([1e-3, 1e-2, 1e-1, 1.0], dtype=torch.float64)
-    means = torch.randn(4, dim, generator=g, dtype=torch.float64)
-    return GaussianMixture(torch.full((4,), 0.25), means, variances[:, None].expand(4, dim).clone())
+    k = len(variances)
+    var = torch.tensor(variances, dtype=torch.float64)
+    means = torch.randn(k, dim, generator=g, dtype=torch.float64)
+    return GaussianMixture(torch.full((k,), 1 / k), means, var[:, None].expand(k, dim).clone())
 
 
-def low_dimensional(dim: int = 16, seed: int = 4) -> GaussianMixture:
+def low_dimensional(dim: int = 16, seed: int = 4, off_plane: float = 1e-4) -> GaussianMixture:
     """A ring of 6 components (radius 2, in-plane std 0.3) in a random 2-D plane of R^dim,
-    off-plane variance 1e-4."""
+    off-plane variance `off_plane`."""
     g = torch.Generator().manual_seed(seed)
     u = _rotation(dim, g)
     ring = GaussianMixture.ring(k=6, radius=2.0, std=0.3)
     means = torch.zeros(6, dim, dtype=torch.float64)
     means[:, :2] = ring.means
-    d = torch.full((dim,), 1e-4, dtype=torch.float64)
+    d = torch.full((dim,), off_plane, dtype=torch.float64)
     d[:2] = 0.09
     cov = u @ torch.diag(d) @ u.T
     return GaussianMixture(torch.full((6,), 1 / 6), means @ u.T, cov.expand(6, dim, dim).clone())
+
+
+def grid_of_points(k: int = 5, spacing: float = 1.0, std: float = 0.1) -> GaussianMixture:
+    """A k x k grid of isotropic components in the plane."""
+    ticks = spacing * (torch.arange(k, dtype=torch.float64) - (k - 1) / 2)
+    means = torch.cartesian_prod(ticks, ticks)
+    covs = torch.full((k * k, 2), std**2, dtype=torch.float64)
+    return GaussianMixture(torch.full((k * k,), 1 / k**2), means, covs)
+
+
+def holdout() -> dict[str, Callable[[], GaussianMixture]]:
+    """Problems no choice of the default was made on (`--holdout`): other dimensions, spreads,
+    scales and shapes."""
+    return {
+        "Gaussian 8-D (500x)": lambda: anisotropic(8, 500.0, 11),
+        "Gaussian 32-D (30x)": lambda: anisotropic(32, 30.0, 12),
+        "32-D mixture of 4": lambda: GaussianMixture.random(
+            4, 32, generator=torch.Generator().manual_seed(32)
+        ),
+        "scale mixture 4-D (1e-4..3)": lambda: scale_mixture(4, 21, (1e-4, 3e-3, 0.1, 3.0)),
+        "2-D grid of 25": grid_of_points,
+        "ring in R^8 (off-plane 1e-3)": lambda: low_dimensional(8, 9, 1e-3),
+    }
 
 
 def problems(quick: bool) -> dict[str, Callable[[], GaussianMixture]]:
@@ -149,8 +177,9 @@ class Problem:
     def metric(self) -> str:
         return "KL" if self.gaussian else "flow W2"
 
-    @property
+    @functools.cached_property
     def score_fn(self) -> ScoreFn:
+        """One score function per problem, so that the default's pilot runs once per budget."""
         return self.mixture.score_fn(self.sde)
 
     def error(self, run: Callable[[Tensor], tuple[Tensor, int]], stochastic: bool) -> tuple:
@@ -201,20 +230,28 @@ class Method:
         return self.label.startswith("ours")
 
 
+#: the default's pilot choices: (problem, schedule, steps) -> (configuration, pilot evaluations)
+PILOTS: dict[tuple[str, str, int], tuple[str, int]] = {}
+
+
 def ours(label: str, **settings: object) -> Method:
-    """`sample()` with `settings` (none: the default configuration)."""
+    """`sample()` with `settings` (none: the default configuration, whose pilot choices go into
+    PILOTS)."""
 
     def run(problem: Problem, steps: int, x_T: Tensor, seed: int) -> tuple[Tensor, int]:
         g = torch.Generator().manual_seed(seed)
         res = sample(problem.score_fn, problem.sde, x_T, steps=steps, generator=g,
                      return_info=True, **settings)  # fmt: skip
+        if res.pilot is not None:
+            key = (problem.name, problem.schedule, steps)
+            PILOTS[key] = (res.pilot.candidate.label, res.pilot.nfe)
         return res.samples, res.nfe
 
     return Method("ours: " + label, run)
 
 
 def tuned(log: dict) -> Method:
-    """The default configuration on a grid `tune_grid` fits per problem and budget, on PILOT
+    """The default's pilot choice on a grid `tune_grid` fits per problem and budget, on PILOT
     prior draws independent of the problem's x_T; each fit and its seconds go into `log`."""
 
     def run(problem: Problem, steps: int, x_T: Tensor, seed: int) -> tuple[Tensor, int]:
@@ -230,7 +267,7 @@ def tuned(log: dict) -> Method:
             fit = tune_grid(problem.score_fn, problem.sde, None, steps, pilot, trials=TRIALS,
                             reference=flow)  # fmt: skip
             log[key] = (fit, time.perf_counter() - start)
-        res = sample(problem.score_fn, problem.sde, x_T, grid=log[key][0].ts, return_info=True)
+        res = sample(problem.score_fn, problem.sde, x_T, return_info=True, **log[key][0].kwargs)
         return res.samples, res.nfe
 
     return Method("ours: default, grid=tune_grid", run, fixed=True)
@@ -343,6 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--problems", nargs="+", default=None, help="names containing these")
     parser.add_argument("--peers", nargs="+", default=None, help="peer labels containing these")
     parser.add_argument("--tuned", action="store_true", help="also tune_grid rows (slow)")
+    parser.add_argument("--holdout", action="store_true", help="the held-out problems instead")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args(argv)
@@ -352,6 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     default = ours("default")
     methods = [
         default,
+        ours("default without pilot (pilot=0)", pilot=0),
         ours("dpm_solver (data, Tweedie)", solver="dpm_solver"),
         ours("unipc (data, Tweedie)", solver="unipc"),
         ours("unipc noise", solver="unipc", prediction="noise", lower_order_final=False),
@@ -365,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         peers = [p for p in peers if any(k in p.label for k in args.peers)]
     suite = {
         k: v
-        for k, v in problems(args.quick).items()
+        for k, v in (holdout() if args.holdout else problems(args.quick)).items()
         if args.problems is None or any(name in k for name in args.problems)
     }
     tuning_log: dict = {}
@@ -401,21 +440,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.argv[1:] if argv is None else argv
     )
     md = [
-        "# Steps against quality: the default sampler against every peer, exact-score suite",
+        "# Steps against quality: the default sampler against every peer, exact-score "
+        + ("held-out problems" if args.holdout else "suite"),
         f"Regenerate with `{command.strip()}` ({elapsed:.0f} s, {args.threads} torch thread(s)). "
         "Errors: exact KL for the Gaussians, sliced W2 to the exact flow of the same x_T for the "
         "mixtures. Ratios below 1: our default beats the best peer setting at that NFE.",
         table,
+        "The default's pilot (256 prior draws, its own seed) chose, at each budget: "
+        + "; ".join(
+            f"{p}, {s}, NFE {n}: {label} ({nfe} evaluations per pilot draw)"
+            for (p, s, n), (label, nfe) in PILOTS.items()
+            if n in NFES
+        )
+        + ".",
         *(["Tuning cost: " + "; ".join(tuning) + "."] if tuning else []),
         "## Every sampler",
         *text,
     ]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "steps_vs_quality.md").write_text("\n\n".join(md) + "\n")
+    stem = "steps_vs_quality_holdout" if args.holdout else "steps_vs_quality"
+    (args.out / f"{stem}.md").write_text("\n\n".join(md) + "\n")
     labels = [default.label] + ([tuned_method.label] if tuned_method else [])
-    plot_ratios(all_records, labels, schedules, args.out / "steps_vs_quality.png")
+    plot_ratios(all_records, labels, schedules, args.out / f"{stem}.png")
     print(table)
-    print(f"{elapsed:.0f} s; wrote {args.out / 'steps_vs_quality.md'} and .png")
+    print(f"{elapsed:.0f} s; wrote {args.out / stem}.md and .png")
     return 0
 
 

@@ -95,11 +95,11 @@ def test_default_on_a_scale_mixture_against_its_exact_flow(scale_mixture, nfe, b
         assert distance(solver=solver, steps=nfe - 1) > bound, solver
 
 
-def test_default_runs_its_own_steps_to_t_min():
-    """The default's grid: `steps` log-SNR-uniform intervals from T to the schedule's t_min, one
+def test_the_default_without_a_pilot_runs_its_own_steps_to_t_min():
+    """pilot=0: `steps` log-SNR-uniform intervals from T to the schedule's t_min, one
     evaluation each and no Tweedie step; a named solver keeps its old defaults."""
     sde, mix = CosineVPSDE(), GaussianMixture.ring(4, radius=2.0, std=0.3)
-    res = sample(mix.score_fn(sde), sde, (8, 2), steps=7, return_info=True)
+    res = sample(mix.score_fn(sde), sde, (8, 2), steps=7, pilot=0, return_info=True)
     lam = sde.log_snr(res.ts)
     assert res.nfe == 7 and float(res.ts[-1]) == sde.t_min
     torch.testing.assert_close(lam.diff(), torch.full_like(lam[1:], float(lam.diff().mean())))

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .._tensor import check_batch, check_callable, check_choice, check_keywords
-from ..sde import SDE, check_sde
+from .._tensor import check_batch, check_callable, check_choice, check_keywords, is_finite
+from ..sde import SDE, ScoreFn, check_sde
 from .grids import check_grid
 
 NoiseSource = Callable[[Tensor], Tensor]
@@ -174,3 +174,26 @@ def steps(ts: Tensor) -> enumerate[tuple[Tensor, Tensor]]:
 def at(t: Tensor, x: Tensor) -> Tensor:
     """The grid time t (0-d) as the (batch,) tensor the score_fn contract asks for."""
     return t.expand(x.shape[0])
+
+
+class CheckedScore:
+    """Wraps score_fn: counts every call (the NFE, never computed) and checks what comes back
+    (shape, NaN or inf on the host), naming the step and t."""
+
+    def __init__(self, score_fn: ScoreFn):
+        self.score_fn, self.nfe, self.step = score_fn, 0, 0
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        self.nfe += 1
+        out = self.score_fn(x, t)
+        if not isinstance(out, Tensor) or out.shape != x.shape:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"score_fn returned {shape} for x of shape {tuple(x.shape)} at {self._where(t)}"
+            )
+        if out.device.type == "cpu" and not is_finite(out):
+            raise ValueError(f"score_fn output at {self._where(t)} contains NaN or inf")
+        return out
+
+    def _where(self, t: Tensor) -> str:
+        return f"step {self.step} (t={t.reshape(-1)[0].item()})"

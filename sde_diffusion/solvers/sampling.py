@@ -1,5 +1,6 @@
 """`sample()`: any registered solver by name over a resolved grid, with the NFE counted, the
-score's output checked, the final Tweedie step and a progress bar."""
+score's output checked, the final Tweedie step and a progress bar; with no solver named, the
+configuration a pilot chose for this score function (`pilot.py`)."""
 
 from __future__ import annotations
 
@@ -13,16 +14,17 @@ from tqdm.auto import tqdm
 from .._tensor import (
     check_batch,
     check_callable,
+    check_choice,
     check_device,
     check_float_dtype,
     check_int,
     check_shape,
     describe,
-    is_finite,
 )
 from ..parametrize import tweedie_x0
 from ..sde import SDE, ScoreFn, check_sde
 from ._registry import (
+    CheckedScore,
     NoiseSource,
     SolverSpec,
     check_seeds,
@@ -30,13 +32,15 @@ from ._registry import (
     get_solver,
     per_sample_noise,
 )
-from .grids import resolve_grid
+from .grids import GRIDS, resolve_grid
+from .pilot import CANDIDATES, PILOT_DRAWS, PilotChoice, cached_choice
 
 __all__ = ["CORRECTOR_MAX_STEP", "DEFAULT_PARAMS", "SampleResult", "default_solver", "sample"]
 
-#: what `sample()` runs when no solver is named: the third-order multistep integrator of the
-#: noise prediction, on steps equal in log-SNR from T to the schedule's t_min, at full order to
-#: the grid's end and without a final Tweedie jump (README, "The default")
+#: what `sample()` runs when no solver is named and no pilot runs (pilot=0, or a grid tensor,
+#: t_end, denoise or solver parameters given): the third-order multistep integrator of the noise
+#: prediction, on steps equal in log-SNR from T to the schedule's t_min, at full order to the
+#: grid's end and without a final Tweedie jump (README, "The default")
 DEFAULT_PARAMS: dict[str, object] = {"order": 3, "prediction": "noise", "lower_order_final": False}
 #: the largest mean log-SNR step at which the default adds UniPC's corrector
 CORRECTOR_MAX_STEP = 0.5
@@ -66,28 +70,11 @@ class SampleResult:
     nfe: int
     ts: Tensor
     trajectory: list[Tensor] = field(default_factory=list)
-
-
-class _CountedScore:
-    """Wraps score_fn: counts every call (the NFE) and checks what comes back."""
-
-    def __init__(self, score_fn: ScoreFn):
-        self.score_fn, self.nfe, self.step = score_fn, 0, 0
-
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
-        self.nfe += 1
-        out = self.score_fn(x, t)
-        if not isinstance(out, Tensor) or out.shape != x.shape:
-            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(
-                f"score_fn returned {shape} for x of shape {tuple(x.shape)} at {self._where(t)}"
-            )
-        if out.device.type == "cpu" and not is_finite(out):
-            raise ValueError(f"score_fn output at {self._where(t)} contains NaN or inf")
-        return out
-
-    def _where(self, t: Tensor) -> str:
-        return f"step {self.step} (t={t.reshape(-1)[0].item()})"
+    #: the solver that ran, and for the default configuration the pilot's choice (None: no
+    #: pilot ran for this call or an earlier one) and its cost in this call (0 when remembered)
+    solver: str = ""
+    pilot: PilotChoice | None = None
+    pilot_nfe: int = 0
 
 
 def sample(
@@ -106,14 +93,20 @@ def sample(
     progress: bool = False,
     return_info: bool = False,
     return_trajectory: bool = False,
+    pilot: int = PILOT_DRAWS,
     **solver_params: object,
 ) -> Tensor | SampleResult:
     """Draw samples by integrating the reverse process from T down to t_end with `solver`.
 
     shape_or_x_T: the batch shape (x_T is drawn from the SDE's prior) or x_T itself.
     solver: a registered name (see SOLVERS) or a SolverSpec; solver_params go to it by name.
-        None: the default configuration, `default_solver(sde, steps)` with DEFAULT_PARAMS
-        (which solver_params override) and no Tweedie step: NFE = steps.
+        None: the default. With `steps` (and optionally a grid kind) only, a pilot on `pilot`
+        prior draws of the same shape picks, from `pilot.CANDIDATES` (the third-order
+        multistep integrator with each grid, end and prediction, with and without UniPC's
+        corrector), the configuration closest to the score's exact probability-flow map at
+        NFE = steps; the choice is remembered per score function (README, "The default").
+        pilot=0, a grid tensor, t_end, denoise or solver_params: `default_solver(sde, steps)`
+        with DEFAULT_PARAMS (which solver_params override) and no Tweedie step: NFE = steps.
     steps / grid: `steps` intervals of the grid kind `grid` (default: the solver's own), or
         `grid` as an explicit strictly decreasing tensor of times (then `steps` is ignored).
     t_end: where the grid stops. Default: sde.t_min, or with `denoise` (solvers whose grid sets
@@ -123,31 +116,43 @@ def sample(
         default: True for a named solver, False for the default configuration.
     generator / seeds: noise from one generator for the batch, or per-sample seeds so that each
         sample's trajectory depends on its own seed only (not both).
-    return_info: return a SampleResult with the NFE (counted, never computed), the grid and,
-        with return_trajectory, the state after every step.
+    return_info: return a SampleResult with the NFE (counted, never computed; a pilot's
+        evaluations are its `pilot_nfe`), the grid and, with return_trajectory, the state after
+        every step.
     """
     check_callable(score_fn, "score_fn")
     check_sde(sde)
-    if solver is None:
-        n = len(grid) - 1 if isinstance(grid, Tensor) else steps
-        solver, solver_params = default_solver(sde, n), {**DEFAULT_PARAMS, **solver_params}
-        denoise = bool(denoise)
-    denoise = True if denoise is None else denoise
-    spec = get_solver(solver) if isinstance(solver, str) else solver
-    if not isinstance(spec, SolverSpec):
-        raise TypeError(f"solver must be a solver name or a SolverSpec, got {describe(solver)}")
-    spec.check_params(solver_params)
     if seeds is not None and generator is not None:
         raise ValueError(
             "seeds and generator conflict: pass seeds (one generator per sample) or generator "
             "(one for the batch), not both"
         )
-    ts = resolve_grid(sde, grid, steps, spec.default_grid, t_end, denoise and spec.grid_sets_nfe)
     noise = per_sample_noise(seeds) if seeds is not None else generator_noise(generator)
     x = initial_state(sde, shape_or_x_T, noise, device, dtype)
     if seeds is not None:
         check_seeds(seeds, x.shape[0])
-    counted = _CountedScore(score_fn)
+    choice, pilot_nfe = None, 0
+    if solver is None:
+        pilot = check_int(pilot, "pilot", 0)
+        chosen_elsewhere = isinstance(grid, Tensor) or t_end is not None or denoise is not None
+        if pilot and not (chosen_elsewhere or solver_params):
+            steps = check_int(steps, "steps")
+            choice, fresh = _pilot(score_fn, sde, steps, x, pilot, grid, progress)
+            pilot_nfe = choice.nfe if fresh else 0
+            best = choice.candidate
+            solver, solver_params, denoise = best.solver, best.params, best.denoise
+            grid = best.grid_for(sde, steps)
+        else:
+            n = len(grid) - 1 if isinstance(grid, Tensor) else steps
+            solver, solver_params = default_solver(sde, n), {**DEFAULT_PARAMS, **solver_params}
+            denoise = bool(denoise)
+    denoise = True if denoise is None else denoise
+    spec = get_solver(solver) if isinstance(solver, str) else solver
+    if not isinstance(spec, SolverSpec):
+        raise TypeError(f"solver must be a solver name or a SolverSpec, got {describe(solver)}")
+    spec.check_params(solver_params)
+    ts = resolve_grid(sde, grid, steps, spec.default_grid, t_end, denoise and spec.grid_sets_nfe)
+    counted = CheckedScore(score_fn)
     trajectory: list[Tensor] = [x] if return_trajectory else []
     bar = tqdm(total=len(ts) - 1, desc=spec.name, disable=not progress, leave=False)
 
@@ -169,7 +174,24 @@ def sample(
             trajectory.append(x)
     if not return_info:
         return x
-    return SampleResult(samples=x, nfe=counted.nfe, ts=ts, trajectory=trajectory)
+    return SampleResult(x, counted.nfe, ts, trajectory, spec.name, choice, pilot_nfe)
+
+
+def _pilot(
+    score_fn: ScoreFn,
+    sde: SDE,
+    steps: int,
+    x: Tensor,
+    draws: int,
+    grid: str | None,
+    progress: bool,
+) -> tuple[PilotChoice, bool]:
+    """The pilot's choice for sample(); `grid`, a kind, restricts the candidates to it."""
+    candidates = CANDIDATES
+    if grid is not None:
+        check_choice("grid", grid, GRIDS)
+        candidates = tuple(c for c in CANDIDATES if c.grid == grid)
+    return cached_choice(score_fn, sde, steps, x, draws, candidates, progress)
 
 
 def initial_state(

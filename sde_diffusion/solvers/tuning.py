@@ -18,7 +18,7 @@ from x_T drawn independently of the pilot.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,12 +28,11 @@ from tqdm.auto import tqdm
 
 from .._tensor import check_callable, check_int
 from ..sde import SDE, ScoreFn, check_sde
-from ._registry import SOLVERS, generator_noise, get_solver
+from ._registry import SOLVERS, CheckedScore, generator_noise, get_solver
 from .grids import resolve_grid
-from .sampling import DEFAULT_PARAMS, default_solver, initial_state, sample
+from .pilot import Candidate, choose, exact_flow, flow_error
+from .sampling import initial_state, sample
 
-#: the reference flow of the pilot: dopri5 at this relative and absolute tolerance
-REFERENCE_TOL = 1e-5
 #: the first simplex around a pinned start: each log step ratio moved by this much
 SIMPLEX = 0.3
 
@@ -54,8 +53,9 @@ class TunedGrid:
     """What `tune_grid` returns: the grid (float64, T first) and what tuning found and cost.
 
     error / initial_error: mean squared distance per sample between the solver's pilot samples
-    and the pilot's exact flow, on the tuned grid and on the solver's default grid. nfe: every
-    score evaluation spent, the reference flow's included.
+    and the pilot's exact flow, on the tuned grid and on the start grid. nfe: every score
+    evaluation spent, the reference flow's included. solver / params / denoise: what the grid
+    was tuned for (for solver=None, the pilot's choice); `kwargs` passes all of it to `sample`.
     """
 
     ts: Tensor
@@ -63,6 +63,14 @@ class TunedGrid:
     initial_error: float
     trials: int
     nfe: int
+    solver: str = "unipc"
+    params: dict = field(default_factory=dict)
+    denoise: bool = True
+
+    @property
+    def kwargs(self) -> dict[str, object]:
+        """`sample(score_fn, sde, x, **fit.kwargs)` runs the tuned configuration."""
+        return {"solver": self.solver, "grid": self.ts, "denoise": self.denoise, **self.params}
 
 
 def _fractions_to_grid(
@@ -97,47 +105,60 @@ def tune_grid(
     progress: bool = False,
     **solver_params: object,
 ) -> TunedGrid:
-    """A grid of `steps` intervals for `solver` on `score_fn`, to pass as `sample(..., grid=ts)`.
+    """A grid of `steps` intervals for `solver` on `score_fn`, to pass as `sample(..., grid=ts)`
+    (or everything, `sample(..., **fit.kwargs)`).
 
     solver: a registered name (its samples end with the Tweedie step, as `sample`'s for a named
-        solver), or None for `sample`'s default configuration (no Tweedie step; the grid keeps
-        its end at t_min and the tuning moves the points in between).
+        solver), or None for `sample`'s default: the pilot (`pilot.choose`, on this pilot batch)
+        picks the configuration at NFE = steps and the tuning moves its grid's inner points
+        (a grid that ends at t_min keeps that end; one that ends in a Tweedie step tunes it).
 
     pilot: the shape of the batch of prior draws to tune on (drawn with `generator` on `device`
         in `dtype`), or the draws x_T themselves; 256 draws tuned the oracle mixtures of 2 and
         16 dimensions as well as 1024.
     trials: grids tried (each costs `steps` + 1 evaluations on the pilot batch).
     reference: the pilot's exact probability-flow samples, if known; by default dopri5 at
-        tolerance REFERENCE_TOL from the same draws.
-    The search starts from the solver's default grid (ending at `grids.final_time`, or t_min
-    for the default configuration) and keeps the best grid seen, so the tuned grid is never
-    worse than it on the pilot. Only deterministic solvers that step on the grid can be tuned
+        tolerance `pilot.REFERENCE_TOL` from the same draws.
+    The search starts from the solver's default grid (ending at `grids.final_time`), or the
+    pilot's choice, and keeps the best grid seen, so the tuned grid is never worse than it on
+    the pilot. Only deterministic solvers that step on the grid can be tuned
     (`tunable_solvers()`): a stochastic one has no flow to be brought close to.
     """
     check_callable(score_fn, "score_fn")
     check_sde(sde)
-    pinned = solver is None
-    if pinned:
-        solver_params = {**DEFAULT_PARAMS, **solver_params}
-    elif solver not in tunable_solvers():
+    if solver is not None and solver not in tunable_solvers():
         raise UntunableSolverError(
             f"cannot tune a grid for solver {solver!r}; valid choices (deterministic, stepping "
             f"on the grid): {', '.join(tunable_solvers())}"
         )
-    steps, trials = check_int(steps, "steps", 1 + pinned), check_int(trials, "trials")
-    name = default_solver(sde, steps) if pinned else solver
-    get_solver(name).check_params(solver_params)
+    steps, trials = check_int(steps, "steps", 1 + (solver is None)), check_int(trials, "trials")
+    if solver is not None:
+        get_solver(solver).check_params(solver_params)
     x_T = initial_state(sde, pilot, generator_noise(generator), device, dtype, ("pilot", "pilot"))
     nfe = 0
     if reference is None:
-        tol = {"rtol": REFERENCE_TOL, "atol": REFERENCE_TOL}
-        flow = sample(score_fn, sde, x_T, "ode", 1, return_info=True, **tol)
-        reference, nfe = flow.samples, flow.nfe
+        counted = CheckedScore(score_fn)
+        with torch.no_grad():
+            reference = exact_flow(counted, sde, x_T)
+        nfe = counted.nfe
     if reference.shape != x_T.shape:
         raise ValueError(
             f"reference has shape {tuple(reference.shape)}, the pilot {tuple(x_T.shape)}"
         )
-    start = resolve_grid(sde, None, steps, get_solver(name).default_grid, denoise=not pinned)
+    if solver is None:
+        choice = choose(score_fn, sde, steps, x_T, reference)
+        nfe += choice.nfe
+        candidate = choice.candidate
+    else:
+        candidate = Candidate(solver, "data", get_solver(solver).default_grid, "tweedie")
+    name, denoise = candidate.solver, candidate.denoise
+    params = {**candidate.params, **solver_params} if solver is None else dict(solver_params)
+    pinned = not denoise
+    start = (
+        candidate.grid_for(sde, steps)
+        if solver is None
+        else resolve_grid(sde, None, steps, candidate.grid, denoise=True)
+    )
     lam = sde.log_snr(start)
     lam_T = float(lam[0])
     lam_max = float(sde.log_snr(torch.tensor([float(sde.t_min)], dtype=torch.float64))[0])
@@ -146,17 +167,16 @@ def tune_grid(
         theta0 = torch.log(h[:-1] / h[-1]).numpy()
     else:  # a default grid that ends at t_min (VP from 500 steps) keeps a sliver above its end
         theta0 = torch.log(h / max(lam_max - float(lam[-1]), 1e-6 * (lam_max - lam_T))).numpy()
-    bar = tqdm(total=trials, desc=f"tuning {solver}", disable=not progress, leave=False)
+    bar = tqdm(total=trials, desc=f"tuning {name}", disable=not progress, leave=False)
     errors: list[float] = []  # errors[0] is the start's: Nelder-Mead evaluates x0 first
 
     def error(theta: np.ndarray) -> float:
         nonlocal nfe
         bar.update(1)
         ts = _fractions_to_grid(theta, lam_T, lam_max, sde, pinned)
-        res = sample(score_fn, sde, x_T, solver, grid=ts, return_info=True, **solver_params)
+        res = sample(score_fn, sde, x_T, name, grid=ts, denoise=denoise, return_info=True, **params)
         nfe += res.nfe
-        err = float((res.samples - reference).flatten(1).pow(2).sum(1).mean())
-        errors.append(err if np.isfinite(err) else np.inf)
+        errors.append(flow_error(res.samples, reference))
         return errors[-1]
 
     with bar:
@@ -166,4 +186,4 @@ def tune_grid(
         # x0 is a vertex of the simplex and the best vertex comes back: never worse than the start
         found = minimize(error, theta0, method="Nelder-Mead", options=options)
     grid = _fractions_to_grid(found.x, lam_T, lam_max, sde, pinned)
-    return TunedGrid(grid, float(found.fun), errors[0], len(errors), nfe)
+    return TunedGrid(grid, float(found.fun), errors[0], len(errors), nfe, name, params, denoise)

@@ -1,0 +1,203 @@
+"""The default sampler's pilot: for one score function and budget, the configuration whose samples
+come closest to the exact probability-flow map on a batch of prior draws.
+
+At 5-20 evaluations a deterministic sampler's error is decided by four choices: the grid (where
+the steps go in log-SNR), the end (stop at t_min, take the polynomial's own step to sigma = 0, or
+a Tweedie jump from half a step above 0), the interpolated output (x0 or eps) and whether UniPC's
+corrector runs. Which combination is best depends on the data, not on the schedule alone: on the
+problem suite of benchmarks/steps_vs_quality.py no single one comes within 1.5x of the best peer
+setting on every problem at NFE 5-20, while the best of them beats it on almost all. The error
+that matters is the distance to the flow map x_T -> x_0 that every deterministic sampler
+approximates, and it can be measured: solve the flow accurately (adaptive dopri5) from a few
+hundred prior draws once, run every candidate from the same draws, keep the closest in mean
+squared distance. That is the spirit of the optimised schedules of Watson et al. (2021), Sabour
+et al. ("Align Your Steps", 2024) and Xue et al. (2024), restricted to a finite family so that it
+costs a fixed, small number of evaluations and cannot overfit the pilot.
+
+The cost, `PilotChoice.nfe` evaluations on `draws` samples, is paid once per (score function,
+SDE, steps, sample shape, dtype, device): `sample()` keeps the choice for as long as the score
+function lives. The draws come from their own seeded generator, so a pilot never touches the
+caller's random state and the same call always makes the same choice.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..parametrize import tweedie_x0
+from ..sde import SDE, ScoreFn
+from ._registry import CheckedScore, get_solver
+from .grids import GRIDS, final_time, time_grid
+
+__all__ = ["CANDIDATES", "PILOT_DRAWS", "Candidate", "PilotChoice", "choose", "pilot_draws"]
+
+#: prior draws the default's pilot runs on
+PILOT_DRAWS = 256
+#: the seed of the pilot's own generator
+PILOT_SEED = 0
+#: the pilot's exact flow: dopri5 at this relative and absolute tolerance
+REFERENCE_TOL = 1e-5
+#: how a candidate's samples end: "t_min" (the grid's end), "zero" (the eps polynomial's own
+#: step to sigma = 0, no evaluation), "tweedie" (one step fewer, then x0 = E[x_0 | x_t] from
+#: `grids.final_time`)
+ENDS = ("t_min", "zero", "tweedie")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One configuration of the third-order multistep exponential integrator (`expint`)."""
+
+    solver: str  # "dpm_solver" (predictor) or "unipc" (with the UniC corrector)
+    prediction: str  # "noise" or "data": what the multistep polynomial interpolates
+    grid: str  # a kind of `grids.GRIDS`
+    end: str  # one of ENDS
+
+    @property
+    def denoise(self) -> bool:
+        return self.end == "tweedie"
+
+    @property
+    def params(self) -> dict[str, object]:
+        """The solver's parameters: order 3; x0 interpolation lowers the order over its last
+        steps below 15 (as DPM-Solver++ does for stability), eps interpolation keeps it."""
+        params: dict[str, object] = {"order": 3, "prediction": self.prediction}
+        params["lower_order_final"] = self.prediction == "data"
+        if self.end == "zero":
+            params["to_zero"] = True
+        return params
+
+    def fits(self, steps: int) -> bool:
+        """Whether `steps` evaluations leave this candidate at least one step."""
+        return steps >= 1 + self.denoise
+
+    def grid_for(self, sde: SDE, steps: int) -> Tensor:
+        """Its grid for `steps` evaluations: the Tweedie step is one of them."""
+        if self.denoise:
+            return time_grid(sde, steps - 1, self.grid, t_end=final_time(sde, steps - 1))
+        return time_grid(sde, steps, self.grid)
+
+    @property
+    def label(self) -> str:
+        return f"{self.solver} ({self.prediction}, {self.grid} grid, end {self.end})"
+
+
+#: the family the pilot chooses from: predictor or predictor-corrector, on each grid kind, either
+#: interpolating eps to t_min (with or without the step to sigma = 0) or x0 with a Tweedie end
+CANDIDATES = tuple(
+    Candidate(solver, prediction, grid, end)
+    for solver in ("dpm_solver", "unipc")
+    for prediction, end in (("noise", "t_min"), ("noise", "zero"), ("data", "tweedie"))
+    for grid in GRIDS
+)
+
+
+@dataclass(frozen=True)
+class PilotChoice:
+    """What `choose` returns: the closest candidate, every candidate's error (mean squared
+    distance per pilot sample to the exact flow; inf where it diverged) and the evaluations
+    spent on the pilot batch, the reference flow's included."""
+
+    candidate: Candidate
+    errors: dict[Candidate, float]
+    nfe: int
+
+    @property
+    def error(self) -> float:
+        return self.errors[self.candidate]
+
+
+def pilot_draws(sde: SDE, like: Tensor, draws: int = PILOT_DRAWS) -> Tensor:
+    """`draws` prior samples shaped like one sample of `like`, on its device and in its dtype,
+    from the pilot's own seeded generator."""
+    g = torch.Generator().manual_seed(PILOT_SEED)
+    z = torch.randn((draws, *like.shape[1:]), generator=g, dtype=like.dtype)
+    return sde.prior_std() * z.to(like.device)
+
+
+def run_candidate(
+    score_fn: ScoreFn, sde: SDE, x_T: Tensor, candidate: Candidate, ts: Tensor
+) -> Tensor:
+    """A candidate's samples from x_T on the grid ts (its Tweedie step included)."""
+    x = get_solver(candidate.solver).run(score_fn, sde, x_T, ts.to(x_T), **candidate.params)
+    if not candidate.denoise:
+        return x
+    t = ts[-1].to(x).expand(x.shape[0])
+    return tweedie_x0(x, t, score_fn(x, t), sde)
+
+
+def exact_flow(score_fn: ScoreFn, sde: SDE, x_T: Tensor) -> Tensor:
+    """The probability-flow map of x_T: dopri5 at REFERENCE_TOL to t_min, then Tweedie."""
+    ts = torch.tensor([float(sde.T), float(sde.t_min)], dtype=x_T.dtype, device=x_T.device)
+    tol = {"rtol": REFERENCE_TOL, "atol": REFERENCE_TOL}
+    x = get_solver("ode").run(score_fn, sde, x_T, ts, **tol)
+    t = ts[-1].expand(x.shape[0])
+    return tweedie_x0(x, t, score_fn(x, t), sde)
+
+
+def flow_error(x: Tensor, reference: Tensor) -> float:
+    """Mean squared distance per sample (inf when x is not finite)."""
+    err = float((x - reference).flatten(1).double().pow(2).sum(1).mean())
+    return err if math.isfinite(err) else math.inf
+
+
+def choose(
+    score_fn: ScoreFn,
+    sde: SDE,
+    steps: int,
+    x_T: Tensor,
+    reference: Tensor | None = None,
+    candidates: Sequence[Candidate] = CANDIDATES,
+    progress: bool = False,
+) -> PilotChoice:
+    """The candidate whose samples from the pilot draws x_T lie closest to their exact flow
+    `reference` (by default solved here), at `steps` evaluations each."""
+    counted = CheckedScore(score_fn)
+    fitting = [c for c in candidates if c.fits(steps)]
+    if not fitting:
+        raise ValueError(f"no pilot candidate fits {steps} steps")
+    bar = tqdm(total=len(fitting) + (reference is None), desc="pilot", disable=not progress)
+    with bar, torch.no_grad():
+        if reference is None:
+            reference = exact_flow(counted, sde, x_T)
+            bar.update(1)
+        errors = {}
+        for c in fitting:
+            errors[c] = flow_error(run_candidate(counted, sde, x_T, c, c.grid_for(sde, steps)),
+                                   reference)  # fmt: skip
+            bar.update(1)
+    best = min(fitting, key=errors.__getitem__)
+    return PilotChoice(best, errors, counted.nfe)
+
+
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def cached_choice(
+    score_fn: ScoreFn,
+    sde: SDE,
+    steps: int,
+    like: Tensor,
+    draws: int,
+    candidates: Sequence[Candidate],
+    progress: bool,
+) -> tuple[PilotChoice, bool]:
+    """`choose` on `pilot_draws(sde, like, draws)`, remembered for as long as score_fn lives;
+    also whether it was computed now (False: from the cache). A score function that cannot be
+    weakly referenced or hashed is piloted on every call."""
+    key = (sde, steps, tuple(like.shape[1:]), like.dtype, like.device, draws, tuple(candidates))
+    try:
+        per_fn: dict = _CACHE.setdefault(score_fn, {})
+    except TypeError:
+        per_fn = {}
+    if key in per_fn:
+        return per_fn[key], False
+    choice = choose(score_fn, sde, steps, pilot_draws(sde, like, draws), None, candidates, progress)
+    per_fn[key] = choice
+    return choice, True

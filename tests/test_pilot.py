@@ -1,0 +1,105 @@
+"""The default's pilot (`solvers/pilot.py`): it picks, among its candidates, the one closest to
+the exact probability-flow map, pays for that once per score function, and never touches the
+caller's random state. Checked against the closed-form flow of a Gaussian target."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sde_diffusion import VPSDE, DiscreteVPSDE, GaussianMixture
+from sde_diffusion.solvers import sample
+from sde_diffusion.solvers.pilot import (
+    CANDIDATES,
+    choose,
+    pilot_draws,
+    run_candidate,
+)
+
+
+def _gaussian(dim: int = 4, spread: float = 60.0, seed: int = 5) -> GaussianMixture:
+    g = torch.Generator().manual_seed(seed)
+    d = torch.logspace(math.log10(2 / spread), math.log10(2), dim, dtype=torch.float64)
+    u = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))[0]
+    return GaussianMixture.gaussian(0.5 * torch.randn(dim, generator=g, dtype=torch.float64),
+                                    u @ torch.diag(d) @ u.T)  # fmt: skip
+
+
+@pytest.mark.parametrize("steps", [5, 10])
+def test_the_choice_is_the_candidate_closest_to_the_closed_form_flow(steps):
+    """Every candidate's distance to the exact x_0 of the same draws (the Gaussian's flow in
+    closed form, to t = 0), computed here independently of the pilot's dopri5 reference: the
+    pilot's choice is within 10% of the closest, and its errors agree with these to 10%."""
+    mix, sde = _gaussian(), DiscreteVPSDE.ddpm()
+    x_T = pilot_draws(sde, torch.zeros(1, 4, dtype=torch.float64), 128)
+    exact = mix.pf_ode_solution(x_T, float(sde.T), 0.0, sde)
+    choice = choose(mix.score_fn(sde), sde, steps, x_T)
+    closed = {}
+    for c in choice.errors:
+        x = run_candidate(mix.score_fn(sde), sde, x_T, c, c.grid_for(sde, steps))
+        closed[c] = float((x - exact).pow(2).sum(1).mean())
+        assert choice.errors[c] == pytest.approx(closed[c], rel=0.1, abs=1e-6), c.label
+    assert closed[choice.candidate] <= 1.1 * min(closed.values())
+    assert set(choice.errors) == {c for c in CANDIDATES if c.fits(steps)}
+
+
+def test_the_choice_is_remembered_per_score_function_and_leaves_the_random_state_alone():
+    mix, sde = GaussianMixture.ring(4, radius=2.0, std=0.3), VPSDE()
+    score_fn = mix.score_fn(sde)
+    state = torch.get_rng_state()
+    first = sample(score_fn, sde, (3, 2), steps=6, return_info=True, seeds=[1, 2, 3])
+    assert torch.equal(torch.get_rng_state(), state)
+    assert first.pilot is not None and first.nfe == 6
+    assert first.pilot_nfe == first.pilot.nfe > 6 * len(CANDIDATES)  # the reference's too
+    again = sample(score_fn, sde, (5, 2), steps=6, return_info=True, seeds=[1, 2, 3, 4, 5])
+    assert again.pilot_nfe == 0 and again.pilot is first.pilot
+    torch.testing.assert_close(again.samples[:3], first.samples, rtol=0, atol=0)
+    other = sample(mix.score_fn(sde), sde, (3, 2), steps=6, return_info=True, seeds=[1, 2, 3])
+    assert other.pilot_nfe > 0 and other.pilot.candidate == first.pilot.candidate
+    assert sample(score_fn, sde, (3, 2), steps=7, return_info=True).pilot_nfe > 0
+
+
+def test_the_chosen_configuration_is_what_runs():
+    """The samples are the chosen candidate's on its own grid: the solver named in the result,
+    NFE = steps whether it ends at t_min or with a Tweedie step."""
+    mix, sde = GaussianMixture.ring(8, radius=4.0, std=0.5), DiscreteVPSDE.ddpm()
+    x_T = torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for steps in (4, 12):
+        res = sample(mix.score_fn(sde), sde, x_T, steps=steps, return_info=True)
+        best = res.pilot.candidate
+        assert res.solver == best.solver and res.nfe == steps
+        torch.testing.assert_close(res.ts, best.grid_for(sde, steps))
+        direct = run_candidate(mix.score_fn(sde), sde, x_T, best, best.grid_for(sde, steps))
+        torch.testing.assert_close(res.samples, direct)
+        assert res.pilot.error == min(res.pilot.errors.values())
+
+
+def test_what_the_caller_fixes_is_not_piloted():
+    """pilot=0, a grid tensor, t_end, denoise or solver parameters: the fixed default; a grid
+    kind restricts the candidates to it."""
+    mix, sde = GaussianMixture.ring(4, radius=2.0, std=0.3), VPSDE()
+    score_fn = mix.score_fn(sde)
+    for kw in ({"pilot": 0}, {"t_end": 0.01}, {"denoise": True}, {"order": 2}):
+        res = sample(score_fn, sde, (4, 2), steps=6, return_info=True, **kw)
+        assert res.pilot is None and res.pilot_nfe == 0 and res.solver == "dpm_solver", kw
+    res = sample(score_fn, sde, (4, 2), steps=6, grid="edm", return_info=True)
+    assert res.pilot.candidate.grid == "edm" and {c.grid for c in res.pilot.errors} == {"edm"}
+
+
+def test_bad_pilot_arguments_are_refused_with_the_valid_choices():
+    mix, sde = GaussianMixture.ring(4, radius=2.0, std=0.3), VPSDE()
+    with pytest.raises(ValueError, match="pilot must be an integer >= 0"):
+        sample(mix.score_fn(sde), sde, (4, 2), steps=6, pilot=-1)
+    with pytest.raises(ValueError, match=r"grid.*log_snr"):
+        sample(mix.score_fn(sde), sde, (4, 2), steps=6, grid="cubic")
+
+
+def test_a_bad_score_is_caught_by_the_pilot_as_by_sample():
+    """The pilot evaluates the score first, through the same checks as `sample`."""
+    sde = VPSDE()
+    with pytest.raises(ValueError, match=r"score_fn returned \(\d+, 1\) for x of shape \(\d+, 2\)"):
+        sample(lambda x, t: x[:, :1], sde, (4, 2), steps=6)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        sample(lambda x, t: x * float("nan"), sde, (4, 2), steps=6)
