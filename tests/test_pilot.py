@@ -99,7 +99,26 @@ def test_bad_pilot_arguments_are_refused_with_the_valid_choices():
 def test_a_bad_score_is_caught_by_the_pilot_as_by_sample():
     """The pilot evaluates the score first, through the same checks as `sample`."""
     sde = VPSDE()
-    with pytest.raises(ValueError, match=r"score_fn returned \(\d+, 1\) for x of shape \(\d+, 2\)"):
+    with pytest.raises(ValueError, match=r"pilot.*score_fn returned \(\d+, 1\) for x of shape"):
         sample(lambda x, t: x[:, :1], sde, (4, 2), steps=6)
     with pytest.raises(ValueError, match="NaN or inf"):
         sample(lambda x, t: x * float("nan"), sde, (4, 2), steps=6)
+
+
+def test_a_score_tied_to_its_batch_is_piloted_on_batches_of_that_size():
+    """Class-conditional guidance with one label per sample only takes batches of the caller's
+    size: the pilot falls back to batches of that size (the caller's labels on each) and makes
+    the same kind of choice; a score that fails on any batch gets an error naming pilot=0."""
+    from sde_diffusion.guidance import classifier_guided_score_fn
+
+    mix, sde = GaussianMixture.ring(4, radius=2.0, std=0.3), VPSDE()
+
+    def classifier(x, t):  # logits of two classes by the sign of x_1
+        return torch.stack([x[:, 1], -x[:, 1]], 1)
+
+    labels = torch.tensor([0, 1, 0, 1, 0, 1, 0])
+    guided = classifier_guided_score_fn(mix.score_fn(sde), classifier, labels, scale=1.0)
+    res = sample(guided, sde, (7, 2), steps=6, return_info=True, pilot=16)
+    assert res.pilot is not None and res.pilot_nfe > 0 and res.samples.shape == (7, 2)
+    with pytest.raises(ValueError, match="pilot=0"):
+        sample(lambda x, t: x[:1], sde, (3, 2), steps=6, pilot=16)

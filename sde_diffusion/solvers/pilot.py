@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -155,22 +155,30 @@ def choose(
     reference: Tensor | None = None,
     candidates: Sequence[Candidate] = CANDIDATES,
     progress: bool = False,
+    batch: int | None = None,
 ) -> PilotChoice:
     """The candidate whose samples from the pilot draws x_T lie closest to their exact flow
-    `reference` (by default solved here), at `steps` evaluations each."""
+    `reference` (by default solved here), at `steps` evaluations each; `batch`: evaluate the
+    score on batches of this many draws (all of them at once by default). NFE counts per
+    batch of draws."""
     counted = CheckedScore(score_fn)
     fitting = [c for c in candidates if c.fits(steps)]
     if not fitting:
         raise ValueError(f"no pilot candidate fits {steps} steps")
+    size = batch or x_T.shape[0]
+
+    def batched(run: Callable[..., Tensor], *args: object) -> Tensor:
+        return torch.cat([run(counted, sde, x, *args) for x in x_T.split(size)])
+
     bar = tqdm(total=len(fitting) + (reference is None), desc="pilot", disable=not progress)
-    with bar, torch.no_grad():
+    with bar:
         if reference is None:
-            reference = exact_flow(counted, sde, x_T)
+            reference = batched(exact_flow)
             bar.update(1)
         errors = {}
         for c in fitting:
-            errors[c] = flow_error(run_candidate(counted, sde, x_T, c, c.grid_for(sde, steps)),
-                                   reference)  # fmt: skip
+            samples = batched(run_candidate, c, c.grid_for(sde, steps))
+            errors[c] = flow_error(samples, reference)
             bar.update(1)
     best = min(fitting, key=errors.__getitem__)
     return PilotChoice(best, errors, counted.nfe)
@@ -190,7 +198,11 @@ def cached_choice(
 ) -> tuple[PilotChoice, bool]:
     """`choose` on `pilot_draws(sde, like, draws)`, remembered for as long as score_fn lives;
     also whether it was computed now (False: from the cache). A score function that cannot be
-    weakly referenced or hashed is piloted on every call."""
+    weakly referenced or hashed is piloted on every call.
+
+    A score function that only takes batches of the caller's size (one label per sample, say)
+    fails on the pilot's batch; it is then piloted on batches of that size, the caller's own
+    conditioning applied to each, and if that fails too the error says how to skip the pilot."""
     key = (sde, steps, tuple(like.shape[1:]), like.dtype, like.device, draws, tuple(candidates))
     try:
         per_fn: dict = _CACHE.setdefault(score_fn, {})
@@ -198,6 +210,23 @@ def cached_choice(
         per_fn = {}
     if key in per_fn:
         return per_fn[key], False
-    choice = choose(score_fn, sde, steps, pilot_draws(sde, like, draws), None, candidates, progress)
+    x_T, batch = pilot_draws(sde, like, draws), like.shape[0]
+    try:
+        choice = choose(score_fn, sde, steps, x_T, None, candidates, progress)
+    except Exception as whole:
+        if batch >= draws:
+            raise _pilot_failed(draws, whole) from whole
+        tiled = pilot_draws(sde, like, batch * math.ceil(draws / batch))
+        try:
+            choice = choose(score_fn, sde, steps, tiled, None, candidates, progress, batch)
+        except Exception as chunked:
+            raise _pilot_failed(draws, chunked) from chunked
     per_fn[key] = choice
     return choice, True
+
+
+def _pilot_failed(draws: int, error: Exception) -> ValueError:
+    return ValueError(
+        f"the default's pilot (score_fn on {draws} prior draws, see README 'The default') "
+        f"failed: {error}; sample(..., pilot=0) or a named solver runs without it"
+    )
