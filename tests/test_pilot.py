@@ -13,7 +13,9 @@ from sde_diffusion import VPSDE, DiscreteVPSDE, GaussianMixture
 from sde_diffusion.solvers import sample
 from sde_diffusion.solvers.pilot import (
     CANDIDATES,
+    TIE,
     choose,
+    moment_error,
     pilot_draws,
     run_candidate,
 )
@@ -31,7 +33,8 @@ def _gaussian(dim: int = 4, spread: float = 60.0, seed: int = 5) -> GaussianMixt
 def test_the_choice_is_the_candidate_closest_to_the_closed_form_flow(steps):
     """Every candidate's distance to the exact x_0 of the same draws (the Gaussian's flow in
     closed form, to t = 0), computed here independently of the pilot's dopri5 reference: the
-    pilot's choice is within 10% of the closest, and its errors agree with these to 10%."""
+    pilot's errors agree with these to 10%, and its choice is within TIE of the closest (and
+    10% for the reference's own error), the candidate of least moment error among those."""
     mix, sde = _gaussian(), DiscreteVPSDE.ddpm()
     x_T = pilot_draws(sde, torch.zeros(1, 4, dtype=torch.float64), 128)
     exact = mix.pf_ode_solution(x_T, float(sde.T), 0.0, sde)
@@ -41,7 +44,9 @@ def test_the_choice_is_the_candidate_closest_to_the_closed_form_flow(steps):
         x = run_candidate(mix.score_fn(sde), sde, x_T, c, c.grid_for(sde, steps))
         closed[c] = float((x - exact).pow(2).sum(1).mean())
         assert choice.errors[c] == pytest.approx(closed[c], rel=0.1, abs=1e-6), c.label
-    assert closed[choice.candidate] <= 1.1 * min(closed.values())
+    assert closed[choice.candidate] <= 1.1 * TIE * min(closed.values())
+    ties = [c for c, e in choice.errors.items() if e <= TIE * min(choice.errors.values())]
+    assert choice.candidate == min(ties, key=choice.moments.__getitem__)
     assert set(choice.errors) == {c for c in CANDIDATES if c.fits(steps)}
 
 
@@ -73,7 +78,7 @@ def test_the_chosen_configuration_is_what_runs():
         torch.testing.assert_close(res.ts, best.grid_for(sde, steps))
         direct = run_candidate(mix.score_fn(sde), sde, x_T, best, best.grid_for(sde, steps))
         torch.testing.assert_close(res.samples, direct)
-        assert res.pilot.error == min(res.pilot.errors.values())
+        assert res.pilot.error <= TIE * min(res.pilot.errors.values())
 
 
 def test_what_the_caller_fixes_is_not_piloted():
@@ -122,3 +127,16 @@ def test_a_score_tied_to_its_batch_is_piloted_on_batches_of_that_size():
     assert res.pilot is not None and res.pilot_nfe > 0 and res.samples.shape == (7, 2)
     with pytest.raises(ValueError, match="pilot=0"):
         sample(lambda x, t: x[:1], sde, (3, 2), steps=6, pilot=16)
+
+
+@pytest.mark.parametrize(("dim", "draws"), [(3, 64), (64, 128)])
+def test_moment_error_is_the_gaussian_kl_of_a_scaling_in_the_leading_directions(dim, draws):
+    """x = c * ref for a centred reference: the fitted covariance scales by c^2, so the KL is
+    k/2 (c^2 - 1 - log c^2) in closed form, over k = min(D, draws // 4) leading directions."""
+    ref = torch.randn(draws, dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = ref - ref.mean(0)
+    k, c = min(dim, draws // 4), 0.8
+    assert moment_error(ref, ref) == pytest.approx(0.0, abs=1e-9)
+    expected = k / 2 * (c**2 - 1 - math.log(c**2))
+    assert moment_error(c * ref, ref) == pytest.approx(expected, rel=1e-6)
+    assert moment_error(ref * float("nan"), ref) == math.inf

@@ -10,7 +10,11 @@ setting on every problem at NFE 5-20, while the best of them beats it on almost 
 that matters is the distance to the flow map x_T -> x_0 that every deterministic sampler
 approximates, and it can be measured: solve the flow accurately (adaptive dopri5) from a few
 hundred prior draws once, run every candidate from the same draws, keep the closest in mean
-squared distance. That is the spirit of the optimised schedules of Watson et al. (2021), Sabour
+squared distance; among candidates within TIE of the closest, which the pilot cannot tell apart,
+the one whose samples' mean and covariance match the flow's best (Gaussian KL in the flow's
+leading directions: squared distance weighs a direction by its absolute scale, so a small-
+variance direction collapsed or inflated barely moves it, while the KL weighs it relatively,
+as blur in an image is seen). That is the spirit of the optimised schedules of Watson et al. (2021), Sabour
 et al. ("Align Your Steps", 2024) and Xue et al. (2024), restricted to a finite family so that it
 costs a fixed, small number of evaluations and cannot overfit the pilot.
 
@@ -31,6 +35,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..metrics import gaussian_kl
 from ..parametrize import tweedie_x0
 from ..sde import SDE, ScoreFn
 from ._registry import CheckedScore, get_solver
@@ -44,6 +49,9 @@ PILOT_DRAWS = 256
 PILOT_SEED = 0
 #: the pilot's exact flow: dopri5 at this relative and absolute tolerance
 REFERENCE_TOL = 1e-5
+#: candidates within this factor of the smallest squared distance to the flow are ties, decided
+#: by their moments
+TIE = 1.25
 #: how a candidate's samples end: "t_min" (the grid's end), "zero" (the eps polynomial's own
 #: step to sigma = 0, no evaluation), "tweedie" (one step fewer, then x0 = E[x_0 | x_t] from
 #: `grids.final_time`)
@@ -100,12 +108,13 @@ CANDIDATES = tuple(
 
 @dataclass(frozen=True)
 class PilotChoice:
-    """What `choose` returns: the closest candidate, every candidate's error (mean squared
-    distance per pilot sample to the exact flow; inf where it diverged) and the evaluations
-    spent on the pilot batch, the reference flow's included."""
+    """What `choose` returns: the chosen candidate, every candidate's error (mean squared
+    distance per pilot sample to the exact flow; inf where it diverged) and moment error
+    (`moment_error`), and the evaluations spent on the pilot batch, the reference's included."""
 
     candidate: Candidate
     errors: dict[Candidate, float]
+    moments: dict[Candidate, float]
     nfe: int
 
     @property
@@ -147,6 +156,24 @@ def flow_error(x: Tensor, reference: Tensor) -> float:
     return err if math.isfinite(err) else math.inf
 
 
+def moment_error(x: Tensor, reference: Tensor) -> float:
+    """KL(N(mean, cov) of x || N(mean, cov) of the reference), both restricted to the
+    reference's k leading principal directions, k = min(D, draws // 4) so that both covariances
+    are well estimated (inf when x is not finite)."""
+    x, ref = x.flatten(1).double(), reference.flatten(1).double()
+    if not bool(torch.isfinite(x).all()):
+        return math.inf
+    mean = ref.mean(0)
+    k = min(ref.shape[1], max(1, ref.shape[0] // 4))
+    if k < ref.shape[1]:
+        basis = torch.linalg.svd(ref - mean, full_matrices=False).Vh[:k].T
+        x, ref, mean = (x - mean) @ basis, (ref - mean) @ basis, torch.zeros(k).to(ref)
+    (mx, cx), (mr, cr) = ((y.mean(0), torch.atleast_2d(torch.cov(y.T))) for y in (x, ref))
+    jitter = 1e-9 * float(torch.trace(cr)) / k * torch.eye(k).to(cr)
+    kl = float(gaussian_kl(mx, cx + jitter, mr, cr + jitter))
+    return kl if math.isfinite(kl) else math.inf
+
+
 def choose(
     score_fn: ScoreFn,
     sde: SDE,
@@ -158,9 +185,9 @@ def choose(
     batch: int | None = None,
 ) -> PilotChoice:
     """The candidate whose samples from the pilot draws x_T lie closest to their exact flow
-    `reference` (by default solved here), at `steps` evaluations each; `batch`: evaluate the
-    score on batches of this many draws (all of them at once by default). NFE counts per
-    batch of draws."""
+    `reference` (by default solved here), at `steps` evaluations each, ties within TIE decided
+    by `moment_error`; `batch`: evaluate the score on batches of this many draws (all of them
+    at once by default)."""
     counted = CheckedScore(score_fn)
     fitting = [c for c in candidates if c.fits(steps)]
     if not fitting:
@@ -175,13 +202,14 @@ def choose(
         if reference is None:
             reference = batched(exact_flow)
             bar.update(1)
-        errors = {}
+        errors, moments = {}, {}
         for c in fitting:
             samples = batched(run_candidate, c, c.grid_for(sde, steps))
-            errors[c] = flow_error(samples, reference)
+            errors[c], moments[c] = flow_error(samples, reference), moment_error(samples, reference)
             bar.update(1)
-    best = min(fitting, key=errors.__getitem__)
-    return PilotChoice(best, errors, counted.nfe)
+    closest = min(errors.values())
+    ties = [c for c in fitting if errors[c] <= TIE * closest]
+    return PilotChoice(min(ties, key=moments.__getitem__), errors, moments, counted.nfe)
 
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
