@@ -1,7 +1,8 @@
 """How many score evaluations for which quality? Our few-step default against every peer, on a
 suite of exact-score problems.
 
-    python benchmarks/steps_vs_quality.py --tuned      # the full suite (10 minutes, 1 thread)
+    python benchmarks/steps_vs_quality.py --tuned      # the full suite (20 minutes, 1 thread)
+    python benchmarks/steps_vs_quality.py --holdout --tuned  # the held-out problems (20 minutes)
     python benchmarks/steps_vs_quality.py --quick      # three problems, two schedules (1 minute)
 
 Peers (benchmarks/steps_vs_quality_peers.py): diffusers' DPM-Solver++ (2M, 3M), UniPC, DEIS,
@@ -33,9 +34,11 @@ Errors:
   samplers (stochastic ones are not coupled to the flow and stay at the sampling-noise level).
 Budgets are matched on counted evaluations: each sampler runs the most steps whose counted NFE
 fits the budget. Every problem reports, at each NFE, the best peer setting and our ratio to it,
-and our error at NFE 20 against our own at NFE 1000 (the floor). With --tuned, `tune_grid`
-fits the default's grid to each problem at each budget (pilot draws independent of x_T) and
-those rows are compared too, with what each fit cost.
+and our error at NFE 20 against our own at NFE 1000 (the floor). The default's pilot choices
+and their cost are printed; "default without pilot" is `pilot=0`, the fixed configuration. With
+--tuned, `tune_grid(..., None, ...)` picks and fits the default's configuration to each problem
+at each budget (pilot draws independent of x_T) and those rows are compared too, with what each
+fit cost. --holdout runs problems that no choice of the default was made on instead.
 """
 
 from __future__ import annotations
