@@ -34,6 +34,22 @@ def test_oracle_run_writes_samples_metrics_and_figure(tmp_path):
     assert m["mode_coverage"] == 1.0 and m["sliced_w2"] < 0.5  # all 8 modes, close in W2
 
 
+def test_the_default_runs_its_pilot_and_records_the_choice(tmp_path):
+    """solver=default is `sample()` with no solver named: NFE = steps, the pilot's choice and
+    cost in metrics.json (paid once for all batches); a grid kind restricts the choice and
+    denoise skips the pilot; inpainting needs a named solver."""
+    record = _run(tmp_path / "a", "solver=default", "steps=8", "batch_size=100")
+    assert record["status"] == "ok" and record["nfe"] == 8 and record["metrics"]["sliced_w2"] < 0.5
+    assert record["pilot"]["nfe"] > 8 * 24 and "grid" in record["pilot"]["choice"]
+    edm = _run(tmp_path / "b", "solver=default", "steps=8", "solver.grid=edm")
+    assert "edm grid" in edm["pilot"]["choice"]
+    fixed = _run(tmp_path / "c", "solver=default", "steps=8", "denoise=false")
+    assert fixed["nfe"] == 8 and "pilot" not in fixed
+    with pytest.raises(ValueError, match="inpainting needs a named solver"):
+        _run(tmp_path / "d", "solver=default", "model.dim=4", "model.kind=random",
+             "inpaint.mask=half")  # fmt: skip
+
+
 def test_nonsensical_combination_is_recorded_as_invalid(tmp_path):
     record = _run(tmp_path, "sde=ve", "solver=ddpm", "steps=5")
     assert record["status"] == "invalid" and "variance-preserving" in record["error"]

@@ -49,6 +49,11 @@ CASES = [
     ("sample-oracle-kind", ["sample", "model.kind=moons"], ["moons", "ring, gaussian, random"]),
     ("sample-oracle-std", ["sample", "model.std=-1"], ["std > 0"]),
     ("sample-ddpm-on-ve", ["sample", "sde=ve", "solver=ddpm"], ["variance-preserving"]),
+    (
+        "sample-default-tuned",
+        ["sample", "solver=default", "solver.grid=tuned"],
+        ["solver.grid=tuned needs a named solver", "dpm_solver"],
+    ),
     ("likelihood-num_samples", ["likelihood", "num_samples=0"], ["num_samples must be >= 1"]),
     ("likelihood-divergence", ["likelihood", "ode.divergence=trace"], ["exact, hutchinson"]),
     ("likelihood-probe", ["likelihood", "ode.probe=uniform"], ["rademacher, gaussian"]),

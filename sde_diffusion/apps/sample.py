@@ -41,7 +41,7 @@ from ..solvers import sample
 from ..trainer import resolve_device
 from .config import dtype_of
 from .hydra_app import INVALID, USER_ERRORS, RunFailed, register_shared_schemas, run_app
-from .sample_config import SampleAppConfig, SolverConfig
+from .sample_config import DEFAULT_SOLVER, SampleAppConfig, SolverConfig
 from .sample_grid import sampling_grid
 from .sample_inpaint import inpaint_batch, inpaint_metrics
 from .sample_outputs import measure, summary, write_record, write_samples
@@ -107,13 +107,18 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
                     target.score_fn,
                     target.sde,
                     (n, *target.data_shape),
-                    solver=obj.solver.name,
+                    solver=None if obj.solver.name == DEFAULT_SOLVER else obj.solver.name,
                     device=device,
                     dtype=dtype,
                     return_info=True,
                     **common,
                 )
                 out_x, used = result.samples, result.nfe
+                if result.pilot is not None:
+                    record["pilot"] = {
+                        "choice": result.pilot.candidate.label,
+                        "nfe": record.get("pilot", {}).get("nfe", 0) + result.pilot_nfe,
+                    }
             else:
                 out_x, used = inpaint_batch(obj, target, first, n, device, dtype, common)
             chunks.append(out_x.detach().cpu())

@@ -17,6 +17,7 @@ from .config import dtype_of
 MODELS = ("oracle", "ckpt")
 
 __all__ = [
+    "DEFAULT_SOLVER",
     "GUIDANCE_KINDS",
     "MODELS",
     "GuidanceConfig",
@@ -27,12 +28,17 @@ __all__ = [
 ]
 
 
+#: `solver=default`: `sample()`'s default, the configuration its pilot picks for the model
+DEFAULT_SOLVER = "default"
+
+
 @dataclass
 class SolverConfig:
-    """A registered solver, its time grid and its parameters.
+    """A registered solver (or DEFAULT_SOLVER), its time grid and its parameters.
 
     grid: None (the solver's own kind), a kind of GRIDS, "tuned" (fitted to the model before
-    sampling, see TuneConfig) or the path of a grid.json that a tuned run wrote.
+    sampling, see TuneConfig; named solvers only) or the path of a grid.json that a tuned run
+    wrote.
     """
 
     name: str = "dpm_solver"
@@ -40,6 +46,11 @@ class SolverConfig:
     params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.name == DEFAULT_SOLVER and self.grid == "tuned":
+            raise ValueError(
+                "solver=default picks its configuration with a pilot; solver.grid=tuned needs a "
+                "named solver (dpm_solver or unipc), or use solver.grid=<kind> to restrict it"
+            )
         if self.grid in (None, "tuned", *GRIDS) or Path(self.grid).is_file():
             return
         raise ValueError(
@@ -130,7 +141,9 @@ class SampleAppConfig:
     batch_size: int = 4096
     seed: int = 0
     t_end: float | None = None
-    denoise: bool = True
+    #: None: the solver's own (a named solver ends with the Tweedie step, the default's pilot
+    #: decides); with solver=default any value, like t_end or solver.params, skips the pilot
+    denoise: bool | None = None
     device: str = "auto"
     dtype: str = "float32"
 
@@ -147,4 +160,7 @@ class SampleAppConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         dtype_of(self.dtype)
-        get_solver(self.solver.name)
+        if self.solver.name != DEFAULT_SOLVER:
+            get_solver(self.solver.name)
+        elif self.inpaint.mask is not None:
+            raise ValueError("inpainting needs a named solver, not solver=default")

@@ -46,6 +46,7 @@ def inpaint_batch(
         calls += 1
         return target.score_fn(x, t)
 
+    denoise = common["denoise"] is not False  # None: the solver's own, the Tweedie step
     x = inpaint(
         counted,
         target.sde,
@@ -54,7 +55,7 @@ def inpaint_batch(
         solver=obj.solver.name,
         resample=obj.inpaint.resample,
         jump=obj.inpaint.jump,
-        **common,
+        **{**common, "denoise": denoise},
     )
     return x, calls
 
