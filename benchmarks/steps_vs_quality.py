@@ -233,7 +233,7 @@ class Method:
         return self.label.startswith("ours")
 
 
-#: the default's pilot choices: (problem, schedule, steps) -> (configuration, pilot evaluations)
+#: the default's pilot choices: (problem, schedule, steps) -> (configuration, its evaluations)
 PILOTS: dict[tuple[str, str, int], tuple[str, int]] = {}
 
 
@@ -248,7 +248,7 @@ def ours(label: str, fixed: bool = False, **settings: object) -> Method:
                      return_info=True, **settings)  # fmt: skip
         if res.pilot is not None:
             key = (problem.name, problem.schedule, steps)
-            PILOTS[key] = (res.pilot.candidate.label, res.pilot.nfe)
+            PILOTS[key] = (res.pilot.candidate.label, res.pilot.evaluations)
         return res.samples, res.nfe
 
     return Method("ours: " + label, run, fixed=fixed)
@@ -452,8 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         table,
         "The default's pilot (256 prior draws, its own seed) chose, at each budget: "
         + "; ".join(
-            f"{p}, {s}, NFE {n}: {label} ({nfe} evaluations per pilot draw)"
-            for (p, s, n), (label, nfe) in PILOTS.items()
+            f"{p}, {s}, NFE {n}: {label} ({evals} single-sample evaluations)"
+            for (p, s, n), (label, evals) in PILOTS.items()
             if n in NFES
         )
         + ".",

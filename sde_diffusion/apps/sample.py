@@ -117,7 +117,8 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
                 if result.pilot is not None:
                     record["pilot"] = {
                         "choice": result.pilot.candidate.label,
-                        "nfe": record.get("pilot", {}).get("nfe", 0) + result.pilot_nfe,
+                        "evaluations": record.get("pilot", {}).get("evaluations", 0)
+                        + result.pilot_evaluations,
                     }
             else:
                 out_x, used = inpaint_batch(obj, target, first, n, device, dtype, common)

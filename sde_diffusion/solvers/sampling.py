@@ -74,7 +74,7 @@ class SampleResult:
     #: pilot ran for this call or an earlier one) and its cost in this call (0 when remembered)
     solver: str = ""
     pilot: PilotChoice | None = None
-    pilot_nfe: int = 0
+    pilot_evaluations: int = 0
 
 
 def sample(
@@ -117,7 +117,7 @@ def sample(
     generator / seeds: noise from one generator for the batch, or per-sample seeds so that each
         sample's trajectory depends on its own seed only (not both).
     return_info: return a SampleResult with the NFE (counted, never computed; a pilot's
-        evaluations are its `pilot_nfe`), the grid and, with return_trajectory, the state after
+        cost, in single-sample evaluations, is its `pilot_evaluations`), the grid and, with return_trajectory, the state after
         every step.
     """
     check_callable(score_fn, "score_fn")
@@ -131,14 +131,14 @@ def sample(
     x = initial_state(sde, shape_or_x_T, noise, device, dtype)
     if seeds is not None:
         check_seeds(seeds, x.shape[0])
-    choice, pilot_nfe = None, 0
+    choice, pilot_evaluations = None, 0
     if solver is None:
         pilot = check_int(pilot, "pilot", 0)
         chosen_elsewhere = isinstance(grid, Tensor) or t_end is not None or denoise is not None
         if pilot and not (chosen_elsewhere or solver_params):
             steps = check_int(steps, "steps")
             choice, fresh = _pilot(score_fn, sde, steps, x, pilot, grid, progress)
-            pilot_nfe = choice.nfe if fresh else 0
+            pilot_evaluations = choice.evaluations if fresh else 0
             best = choice.candidate
             solver, solver_params, denoise = best.solver, best.params, best.denoise
             grid = best.grid_for(sde, steps)
@@ -174,7 +174,7 @@ def sample(
             trajectory.append(x)
     if not return_info:
         return x
-    return SampleResult(x, counted.nfe, ts, trajectory, spec.name, choice, pilot_nfe)
+    return SampleResult(x, counted.nfe, ts, trajectory, spec.name, choice, pilot_evaluations)
 
 
 def _pilot(
