@@ -512,10 +512,11 @@ class Trainer:
         steps: int | None = None,
         seed: int = 0,
         labels: Tensor | None = None,
-        solver: str = "euler_maruyama",
+        solver: str | None = "euler_maruyama",
         **solver_params: object,
     ) -> Tensor:
-        """n samples from the EMA network with any registered solver (Euler–Maruyama default)."""
+        """n samples from the EMA network with any registered solver (Euler–Maruyama default;
+        None: `sample()`'s default, the configuration its pilot picks)."""
         y = labels.to(self.device) if labels is not None else None
         return sample(
             self.score_fn(y),

@@ -27,8 +27,9 @@ from ..sde import VPSDE
 from ..trainer import TrainConfig, Trainer
 
 MLP = {"width": 128, "depth": 3, "time_embedding": "fourier", "embed_dim": 64}
-#: the trained model sampled again with faster solvers, for the closing table
-SOLVER_TABLE = (("pc", 250), ("ddim", 50), ("dpm_solver", 20), ("heun", 10))
+#: the trained model sampled again with faster solvers, for the closing table ("default":
+#: `sample()` with no solver named, the configuration its pilot picks for this network)
+SOLVER_TABLE = (("pc", 250), ("ddim", 50), ("dpm_solver", 20), ("heun", 10), ("default", 10))
 
 
 def run(
@@ -56,7 +57,8 @@ def run(
     figure = save_sample_figure(data.test, samples, Path(out) / "demo.png", title=title)
     solvers = {}
     for solver, solver_steps in SOLVER_TABLE:
-        x = trainer.sample(n, steps=solver_steps, seed=seed + 1, solver=solver)
+        named = None if solver == "default" else solver
+        x = trainer.sample(n, steps=solver_steps, seed=seed + 1, solver=named)
         g = torch.Generator().manual_seed(seed)
         solvers[f"{solver} ({solver_steps} steps)"] = sliced_wasserstein(
             x, data.test, 1000, g
