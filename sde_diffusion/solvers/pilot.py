@@ -10,13 +10,13 @@ setting on every problem at NFE 5-20, while the best of them beats it on almost 
 that matters is the distance to the flow map x_T -> x_0 that every deterministic sampler
 approximates, and it can be measured: solve the flow accurately (adaptive dopri5) from a few
 hundred prior draws once, run every candidate from the same draws, keep the closest in mean
-squared distance; among candidates within TIE of the closest, which the pilot cannot tell apart,
+squared distance. Candidates within TIE of the closest, which the pilot cannot tell apart, go to
 the one whose samples' mean and covariance match the flow's best (Gaussian KL in the flow's
-leading directions: squared distance weighs a direction by its absolute scale, so a small-
-variance direction collapsed or inflated barely moves it, while the KL weighs it relatively,
-as blur in an image is seen). That is the spirit of the optimised schedules of Watson et al. (2021), Sabour
-et al. ("Align Your Steps", 2024) and Xue et al. (2024), restricted to a finite family so that it
-costs a fixed, small number of evaluations and cannot overfit the pilot.
+leading directions): squared distance weighs a direction by its absolute scale, so a collapsed
+or inflated small-variance direction (blur, in an image) barely moves it, while the KL weighs it
+relatively. That is the spirit of the optimised schedules of Watson et al. (2021), Sabour et al.
+("Align Your Steps", 2024) and Xue et al. (2024), restricted to a finite family so that it costs
+a fixed number of evaluations and cannot overfit the pilot.
 
 The cost, `PilotChoice.evaluations` single-sample evaluations, is paid once per (score function,
 SDE, steps, sample shape, dtype, device): `sample()` keeps the choice for as long as the score
@@ -41,7 +41,18 @@ from ..sde import SDE, ScoreFn
 from ._registry import CheckedScore, get_solver
 from .grids import GRIDS, final_time, time_grid
 
-__all__ = ["CANDIDATES", "PILOT_DRAWS", "Candidate", "PilotChoice", "choose", "pilot_draws"]
+__all__ = [
+    "CANDIDATES",
+    "PILOT_DRAWS",
+    "TIE",
+    "Candidate",
+    "PilotChoice",
+    "choose",
+    "exact_flow",
+    "moment_error",
+    "pilot_draws",
+    "run_candidate",
+]
 
 #: prior draws the default's pilot runs on
 PILOT_DRAWS = 256
