@@ -46,6 +46,7 @@ __all__ = [
     "PILOT_DRAWS",
     "TIE",
     "Candidate",
+    "MomentError",
     "PilotChoice",
     "choose",
     "exact_flow",
@@ -148,10 +149,7 @@ def run_candidate(
 ) -> Tensor:
     """A candidate's samples from x_T on the grid ts (its Tweedie step included)."""
     x = get_solver(candidate.solver).run(score_fn, sde, x_T, ts.to(x_T), **candidate.params)
-    if not candidate.denoise:
-        return x
-    t = ts[-1].to(x).expand(x.shape[0])
-    return tweedie_x0(x, t, score_fn(x, t), sde)
+    return tweedie_step(score_fn, sde, x, ts[-1]) if candidate.denoise else x
 
 
 def exact_flow(score_fn: ScoreFn, sde: SDE, x_T: Tensor) -> Tensor:
@@ -159,7 +157,12 @@ def exact_flow(score_fn: ScoreFn, sde: SDE, x_T: Tensor) -> Tensor:
     ts = torch.tensor([float(sde.T), float(sde.t_min)], dtype=x_T.dtype, device=x_T.device)
     tol = {"rtol": REFERENCE_TOL, "atol": REFERENCE_TOL}
     x = get_solver("ode").run(score_fn, sde, x_T, ts, **tol)
-    t = ts[-1].expand(x.shape[0])
+    return tweedie_step(score_fn, sde, x, ts[-1])
+
+
+def tweedie_step(score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor) -> Tensor:
+    """The jump from the grid's last time t to E[x_0 | x_t] (one evaluation)."""
+    t = t.to(x).expand(x.shape[0])
     return tweedie_x0(x, t, score_fn(x, t), sde)
 
 
@@ -169,22 +172,40 @@ def flow_error(x: Tensor, reference: Tensor) -> float:
     return err if math.isfinite(err) else math.inf
 
 
-def moment_error(x: Tensor, reference: Tensor) -> float:
-    """KL(N(mean, cov) of x || N(mean, cov) of the reference), both restricted to the
+class MomentError:
+    """x -> KL(N(mean, cov) of x || N(mean, cov) of the reference), both restricted to the
     reference's k leading principal directions, k = min(D, draws // 4) so that both covariances
-    are well estimated (inf when x is not finite)."""
-    x, ref = x.flatten(1).double(), reference.flatten(1).double()
-    if not bool(torch.isfinite(x).all()):
-        return math.inf
-    mean = ref.mean(0)
-    k = min(ref.shape[1], max(1, ref.shape[0] // 4))
-    if k < ref.shape[1]:
-        basis = torch.linalg.svd(ref - mean, full_matrices=False).Vh[:k].T
-        x, ref, mean = (x - mean) @ basis, (ref - mean) @ basis, torch.zeros(k).to(ref)
-    (mx, cx), (mr, cr) = ((y.mean(0), torch.atleast_2d(torch.cov(y.T))) for y in (x, ref))
-    jitter = 1e-9 * float(torch.trace(cr)) / k * torch.eye(k).to(cr)
-    kl = float(gaussian_kl(mx, cx + jitter, mr, cr + jitter))
-    return kl if math.isfinite(kl) else math.inf
+    are well estimated (inf when x is not finite). The reference's directions and moments are
+    computed once, for every candidate compared with it."""
+
+    def __init__(self, reference: Tensor):
+        ref = reference.flatten(1).double()
+        self.center = ref.mean(0)
+        self.k = min(ref.shape[1], max(1, ref.shape[0] // 4))
+        self.basis = None
+        if self.k < ref.shape[1]:
+            self.basis = torch.linalg.svd(ref - self.center, full_matrices=False).Vh[: self.k].T
+        self.mean, cov = self._moments(ref)
+        self.jitter = 1e-9 * float(torch.trace(cov)) / self.k * torch.eye(self.k).to(cov)
+        self.cov = cov + self.jitter
+
+    def _moments(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        if self.basis is not None:
+            y = (y - self.center) @ self.basis
+        return y.mean(0), torch.atleast_2d(torch.cov(y.T))
+
+    def __call__(self, x: Tensor) -> float:
+        x = x.flatten(1).double()
+        if not bool(torch.isfinite(x).all()):
+            return math.inf
+        mean, cov = self._moments(x)
+        kl = float(gaussian_kl(mean, cov + self.jitter, self.mean, self.cov))
+        return kl if math.isfinite(kl) else math.inf
+
+
+def moment_error(x: Tensor, reference: Tensor) -> float:
+    """`MomentError(reference)(x)`: one comparison."""
+    return MomentError(reference)(x)
 
 
 def choose(
@@ -226,10 +247,10 @@ def choose(
         if reference is None:
             reference = batched(exact_flow)
             bar.update(1)
-        errors, moments = {}, {}
+        errors, moments, moment_error_of = {}, {}, MomentError(reference)
         for c in fitting:
             samples = batched(run_candidate, c, c.grid_for(sde, steps))
-            errors[c], moments[c] = flow_error(samples, reference), moment_error(samples, reference)
+            errors[c], moments[c] = flow_error(samples, reference), moment_error_of(samples)
             bar.update(1)
     closest = min(errors.values())
     ties = [c for c in fitting if errors[c] <= TIE * closest]

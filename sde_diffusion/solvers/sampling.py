@@ -21,7 +21,6 @@ from .._tensor import (
     check_shape,
     describe,
 )
-from ..parametrize import tweedie_x0
 from ..sde import SDE, ScoreFn, check_sde
 from ._registry import (
     CheckedScore,
@@ -33,7 +32,7 @@ from ._registry import (
     per_sample_noise,
 )
 from .grids import GRIDS, resolve_grid
-from .pilot import CANDIDATES, PILOT_DRAWS, PilotChoice, cached_choice
+from .pilot import CANDIDATES, PILOT_DRAWS, PilotChoice, cached_choice, tweedie_step
 
 __all__ = ["CORRECTOR_MAX_STEP", "DEFAULT_PARAMS", "SampleResult", "default_solver", "sample"]
 
@@ -168,8 +167,7 @@ def sample(
     with bar:
         x = spec.run(counted, sde, x, ts.to(x.device, x.dtype), **params)
     if denoise:
-        t = ts[-1].to(x.device, x.dtype).expand(x.shape[0])
-        x = tweedie_x0(x, t, counted(x, t), sde)
+        x = tweedie_step(counted, sde, x, ts[-1])
         if return_trajectory:
             trajectory.append(x)
     if not return_info:

@@ -30,7 +30,7 @@ from .._tensor import check_callable, check_int
 from ..sde import SDE, ScoreFn, check_sde
 from ._registry import SOLVERS, CheckedScore, generator_noise, get_solver
 from .grids import resolve_grid
-from .pilot import Candidate, choose, exact_flow, flow_error
+from .pilot import choose, exact_flow, flow_error
 from .sampling import initial_state, sample
 
 #: the first simplex around a pinned start: each log step ratio moved by this much
@@ -147,17 +147,13 @@ def tune_grid(
     if solver is None:
         choice = choose(score_fn, sde, steps, x_T, reference)
         nfe += choice.nfe
-        candidate = choice.candidate
+        best = choice.candidate
+        name, params, denoise = best.solver, {**best.params, **solver_params}, best.denoise
+        start = best.grid_for(sde, steps)
     else:
-        candidate = Candidate(solver, "data", get_solver(solver).default_grid, "tweedie")
-    name, denoise = candidate.solver, candidate.denoise
-    params = {**candidate.params, **solver_params} if solver is None else dict(solver_params)
+        name, params, denoise = solver, dict(solver_params), True
+        start = resolve_grid(sde, None, steps, get_solver(solver).default_grid, denoise=True)
     pinned = not denoise
-    start = (
-        candidate.grid_for(sde, steps)
-        if solver is None
-        else resolve_grid(sde, None, steps, candidate.grid, denoise=True)
-    )
     lam = sde.log_snr(start)
     lam_T = float(lam[0])
     lam_max = float(sde.log_snr(torch.tensor([float(sde.t_min)], dtype=torch.float64))[0])
