@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -36,22 +37,18 @@ from sde_diffusion.sde import SDE_NAMES, get_sde
 from sde_diffusion.solvers import IncompatibleSDEError
 from sde_diffusion.trainer import TrainConfig, Trainer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from steps_vs_quality_peers import solver_steps
+
 #: the demo's network (sde_diffusion/demo.py) and conf/model/unet.yaml's
 MLP = {"width": 128, "depth": 3, "time_embedding": "fourier", "embed_dim": 64}
 UNET = {"base_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [4]}
 
-SOLVERS = ("euler_maruyama", "ddpm", "pc", "ddim", "dpm_solver", "unipc", "heun")
+#: "default" is sample()'s default (no solver named: its pilot's choice)
+SOLVERS = ("euler_maruyama", "ddpm", "pc", "ddim", "dpm_solver", "unipc", "heun", "default")
 NFE = (10, 20, 50)
-#: score evaluations per step (heun: 2, but 1 on the last; pc: 2), as in
-#: steps_vs_quality_trained.py: the final Tweedie step is one NFE of the budget
-EVALS_PER_STEP = {"heun": 2, "pc": 2}
 #: a sample farther than this many times the data's largest radius counts as an outlier
 OUTLIER = 3.0
-
-
-def steps_for(solver: str, nfe: int) -> int:
-    """The step count whose evaluations fit the NFE budget."""
-    return max(1, (nfe - 1) // EVALS_PER_STEP.get(solver, 1))
 
 
 def settings(
@@ -89,9 +86,12 @@ def evaluate(trainer: Trainer, data: DataSplit, seed: int) -> dict[tuple[str, in
     out = {}
     runs = [(solver, nfe) for solver in SOLVERS for nfe in NFE] + [("ode", 0)] * (not images)
     for solver, nfe in runs:
-        steps = steps_for(solver, nfe) if nfe else None  # the adaptive ode sets its own
+        steps = nfe or None  # the adaptive ode sets its own
         try:
-            x = trainer.sample(n, steps=steps, seed=seed + 1, solver=solver)
+            if nfe and solver != "default":  # the counted NFE, the Tweedie step included
+                steps = solver_steps(trainer.score_fn(), trainer.sde, data.shape, solver, nfe)
+            named = None if solver == "default" else solver
+            x = trainer.sample(n, steps=steps, seed=seed + 1, solver=named)
         except IncompatibleSDEError:  # ddpm on VE
             out[solver, nfe] = None
             continue

@@ -24,6 +24,7 @@ the samplers do not use:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import sys
@@ -38,6 +39,7 @@ from sde_diffusion import SDE, DiscreteVPSDE
 from sde_diffusion._tensor import append_dims
 from sde_diffusion.parametrize import tweedie_x0
 from sde_diffusion.sde import ScoreFn, VPFamilySDE
+from sde_diffusion.solvers import sample
 
 #: diffusers' training steps for SDEs that are not discrete already
 TRAIN_STEPS = 1000
@@ -222,6 +224,20 @@ def k_diffusion_peers() -> list[Peer]:
         for s in ("dpmpp_2m", "dpmpp_3m_sde", "lms", "heun", "euler")
         for g in ("karras", "exponential")
     ]
+
+
+def solver_steps(
+    score_fn: ScoreFn, sde: SDE, shape: tuple[int, ...], solver: str, budget: int
+) -> int | None:
+    """The largest `steps` of `sample(..., solver, steps=steps)` whose counted NFE (one sample
+    of `shape`, the final Tweedie step included) fits the budget; heun's last step is Euler, so
+    its steps are not the budget's half less one."""
+
+    @functools.cache
+    def nfe(steps: int) -> int:
+        return sample(score_fn, sde, (1, *shape), solver, steps=steps, return_info=True).nfe
+
+    return steps_for_budget(nfe, budget)
 
 
 def steps_for_budget(nfe: Callable[[int], int], budget: int) -> int | None:

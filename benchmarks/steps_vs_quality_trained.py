@@ -48,14 +48,17 @@ from sde_diffusion.metrics import SlicedW2, image_metrics
 from sde_diffusion.solvers import SOLVERS, sample
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from steps_vs_quality_peers import diffusers_peers, k_diffusion_peers, steps_for_budget
+from steps_vs_quality_peers import (
+    diffusers_peers,
+    k_diffusion_peers,
+    solver_steps,
+    steps_for_budget,
+)
 
 PEER_NFE = (5, 10, 20, 50)
 TRIM = 0.99
 
 NFE = (5, 10, 20, 50, 100, 250, 1000)
-#: score evaluations per step, to match budgets (heun: 2 per step but 1 on the last; pc: 2)
-EVALS_PER_STEP = {"heun": 2, "pc": 2}
 TUNED_NFE = 20  # tuned grids at budgets up to this one
 
 
@@ -160,6 +163,8 @@ def main() -> None:
         torch.set_num_threads(1)
         print(peer_table(args.ckpt, list(PEER_NFE), args.samples, args.out))
         return
+    score_fn, sde, meta = load_score_fn(args.ckpt)
+    shape = tuple(meta["model"]["data_shape"])
     runs = [(solver, nfe, "", []) for solver in args.solvers for nfe in args.nfe]
     tuned = ["solver.grid=tuned", f"tune.pilot={args.pilot}"]
     runs += [(s, n, "_tuned", tuned) for s in args.tuned for n in args.nfe if n <= TUNED_NFE]
@@ -167,8 +172,7 @@ def main() -> None:
         out = args.out / f"{solver}{suffix}_nfe{nfe}"
         if (out / "metrics.json").exists():
             continue  # done by an earlier, interrupted or narrower, run into the same --out
-        # the final Tweedie step is one NFE of the budget
-        steps = max(1, (nfe - 1) // EVALS_PER_STEP.get(solver, 1))
+        steps = solver_steps(score_fn, sde, shape, solver, nfe) if solver != "default" else nfe
         common = ["model=ckpt", f"ckpt={args.ckpt}", f"solver={solver}", f"steps={steps}"]
         run(compose_config("sample", [*common, f"num_samples={args.samples}", *extra]), out)
     report.main([str(args.out), "--metric", args.metric])

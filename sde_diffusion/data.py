@@ -1,7 +1,7 @@
 """Built-in datasets, all offline, and loaders for the user's own data.
 
-- 2-D toys: swiss_roll, two_moons, eight_gaussians, checkerboard (drawn with a torch.Generator,
-  scaled to roughly unit spread);
+- 2-D toys: swiss_roll, two_moons, eight_gaussians, checkerboard, pinwheel, circles, spirals,
+  gaussian_grid (drawn with a torch.Generator, scaled to roughly unit spread);
 - gmm: the oracle's Gaussian mixtures (a ring or a random mixture), whose score is exact;
 - digits: scikit-learn's 8x8 handwritten digits (1797 images, shipped inside scikit-learn), with
   labels, as (1, 8, 8) images in [-1, 1];
@@ -26,7 +26,16 @@ from torch.utils.data import DistributedSampler
 
 from .oracle import GaussianMixture
 
-TOYS = ("swiss_roll", "two_moons", "eight_gaussians", "checkerboard")
+TOYS = (
+    "swiss_roll",
+    "two_moons",
+    "eight_gaussians",
+    "checkerboard",
+    "pinwheel",
+    "circles",
+    "spirals",
+    "gaussian_grid",
+)
 DATASETS = (*TOYS, "gmm", "digits", "folder")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -120,6 +129,31 @@ def toy_data(name: str, n: int, generator: torch.Generator | None = None) -> Ten
         a = 4 * torch.rand(n, generator=g) - 2
         b = torch.rand(n, generator=g) - 2 * torch.randint(0, 2, (n,), generator=g)
         return torch.stack([a, b + torch.floor(a) % 2], dim=1)
+    if name == "pinwheel":
+        # 5 arms, each a Gaussian (radial sd 0.3, tangential sd 0.05) about radius 1, turned by
+        # an angle growing with the radius (Johnson et al. 2016)
+        arm = torch.randint(0, 5, (n,), generator=g)
+        r = 1 + 0.3 * torch.randn(n, generator=g)
+        angle = 2 * math.pi * arm / 5 + 0.25 * torch.exp(r)
+        v = torch.stack([r, 0.05 * torch.randn(n, generator=g)], 1)
+        c, s = torch.cos(angle), torch.sin(angle)
+        return torch.stack([c * v[:, 0] - s * v[:, 1], s * v[:, 0] + c * v[:, 1]], 1) * 1.5
+    if name == "circles":
+        # two concentric circles of radii 2 and 1, noise sd 0.05
+        u = 2 * math.pi * torch.rand(n, generator=g)
+        r = 1.0 + (torch.rand(n, generator=g) < 0.5)
+        x = r[:, None] * torch.stack([torch.cos(u), torch.sin(u)], 1)
+        return x + 0.05 * torch.randn(n, 2, generator=g)
+    if name == "spirals":
+        # two interleaved Archimedean spirals, noise sd 0.05
+        u = torch.sqrt(torch.rand(n, generator=g)) * 3 * math.pi
+        sign = 1 - 2 * (torch.rand(n, generator=g) < 0.5).float()
+        x = sign[:, None] * torch.stack([u * torch.cos(u), u * torch.sin(u)], 1) / (1.5 * math.pi)
+        return x + 0.05 * torch.randn(n, 2, generator=g)
+    if name == "gaussian_grid":
+        # 25 Gaussians of sd 0.05 on a 5 x 5 grid over [-2, 2]^2
+        centres = torch.randint(0, 5, (n, 2), generator=g).float() - 2
+        return centres + 0.05 * torch.randn(n, 2, generator=g)
     raise ValueError(f"unknown toy {name!r}; valid choices: {', '.join(TOYS)}")
 
 

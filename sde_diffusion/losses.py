@@ -19,6 +19,14 @@ and the unbiased estimate of the same objective is
 
     2 (lambda_{t_min} - lambda_T) / (T - t_min) * ||eps - eps_theta||^2 / D.
 
+EDM's noise-level distribution (Karras et al. 2022, section 5 and table 1, "p_train"): with
+time="lognormal", ln(sigma_t / gamma_t) ~ N(p_mean, p_std^2), truncated to the SDE's [t_min, T]
+and drawn by inverting the truncated normal's CDF, so no time piles up at an end. It changes
+only the density of t, not the per-t weight: with the simple weighting and the edm
+parametrisation the objective is EDM's, E_{sigma ~ p_train}[lambda(sigma) ||D - x_0||^2].
+Uniform t spends little of training where fine structure is learned: on the linear VP SDE
+sigma_t / gamma_t < 0.2 for 6% of t ~ U(0, 1), against 37% under EDM's p_train.
+
 Other parametrisations (precondition.py: x0, v, EDM's preconditioned denoiser) regress their raw
 output F on its target F*, with eps_theta - eps = eps_f(t) (F - F*). The simple weighting is each
 parametrisation's own unweighted MSE ||F - F*||^2 (DDPM's eps-MSE, the x0- or v-MSE, and for
@@ -39,18 +47,31 @@ from .precondition import Preconditioned
 from .sde import SDE
 
 WEIGHTINGS = ("simple", "likelihood", "score")
+TIME_DISTRIBUTIONS = ("uniform", "lognormal")
 
-__all__ = ["WEIGHTINGS", "LossConfig", "dsm_loss", "loss_weight", "sample_time"]
+__all__ = [
+    "TIME_DISTRIBUTIONS",
+    "WEIGHTINGS",
+    "LossConfig",
+    "dsm_loss",
+    "loss_weight",
+    "sample_time",
+]
 
 
 @dataclass
 class LossConfig:
-    """weighting: simple, likelihood or score. importance_sampling: draw t uniformly in log-SNR
-    (only with the likelihood weighting, whose variance it cuts). t_min: smallest training time
-    (1e-5, as in Song et al. 2021: sigma_t -> 0 at t = 0). p_uncond: probability of replacing a
-    label by the null label, for classifier-free guidance (0 with unlabelled data)."""
+    """weighting: simple, likelihood or score. time: how training times are drawn, "uniform" in
+    [t_min, T] or "lognormal" (EDM's p_train: ln(sigma_t / gamma_t) ~ N(p_mean, p_std^2)).
+    importance_sampling: draw t uniformly in log-SNR (only with the likelihood weighting, whose
+    variance it cuts). t_min: smallest training time (1e-5, as in Song et al. 2021: sigma_t -> 0
+    at t = 0). p_uncond: probability of replacing a label by the null label, for
+    classifier-free guidance (0 with unlabelled data)."""
 
     weighting: str = "simple"
+    time: str = "uniform"
+    p_mean: float = -1.2
+    p_std: float = 1.2
     importance_sampling: bool = False
     t_min: float = 1e-5
     p_uncond: float = 0.1
@@ -59,6 +80,20 @@ class LossConfig:
         if self.weighting not in WEIGHTINGS:
             raise ValueError(
                 f"unknown loss weighting {self.weighting!r}; valid choices: {', '.join(WEIGHTINGS)}"
+            )
+        if self.time not in TIME_DISTRIBUTIONS:
+            raise ValueError(
+                f"unknown loss.time {self.time!r}; valid choices: {', '.join(TIME_DISTRIBUTIONS)}"
+            )
+        if not (math.isfinite(self.p_mean) and math.isfinite(self.p_std) and self.p_std > 0):
+            raise ValueError(
+                f"loss.p_mean must be finite and loss.p_std finite and > 0, got "
+                f"p_mean={self.p_mean}, p_std={self.p_std}"
+            )
+        if self.time != "uniform" and (self.importance_sampling or self.weighting == "likelihood"):
+            raise ValueError(
+                f"loss.time={self.time!r} changes the density of t, which the likelihood "
+                "weighting (and its importance sampling) fixes: use time=uniform with it"
             )
         if self.importance_sampling and self.weighting != "likelihood":
             raise ValueError(
@@ -76,20 +111,25 @@ def sample_time(
 ) -> tuple[Tensor, Tensor]:
     """Draw n training times and the factor w(t) in front of ||eps - eps_theta||^2 for each.
 
-    Without importance sampling t ~ U(t_min, T) and w = lambda(t) / sigma_t^2; with it, lambda
-    is uniform in log-SNR and w is the constant of the module docstring.
+    t ~ U(t_min, T) with w = lambda(t) / sigma_t^2; with time="lognormal", EDM's truncated
+    log-normal noise levels and the same w; with importance sampling, lambda is uniform in
+    log-SNR and w is the constant of the module docstring.
     """
     if not cfg.t_min < sde.T:
         raise ValueError(f"loss.t_min = {cfg.t_min} must be below the SDE's T = {sde.T}")
     u = torch.rand(n, generator=generator, device=like.device, dtype=like.dtype)
-    if not cfg.importance_sampling:
+    if not cfg.importance_sampling and cfg.time == "uniform":
         t = cfg.t_min + (sde.T - cfg.t_min) * u
         return t, loss_weight(sde, t, cfg.weighting)
-    lam_hi, lam_lo = (
-        float(sde.log_snr(torch.tensor(s, dtype=torch.float64))) for s in (cfg.t_min, sde.T)
-    )
-    t = sde.t_from_log_snr(lam_hi - (lam_hi - lam_lo) * u).clamp(cfg.t_min, sde.T)
-    return t, torch.full_like(u, 2 * (lam_hi - lam_lo) / (sde.T - cfg.t_min))
+    lam_hi, lam_lo = sde.log_snr(torch.tensor([cfg.t_min, sde.T], dtype=torch.float64))
+    if cfg.importance_sampling:
+        t = sde.t_from_log_snr(lam_hi - (lam_hi - lam_lo) * u).clamp(cfg.t_min, sde.T)
+        return t, torch.full_like(u, float(2 * (lam_hi - lam_lo) / (sde.T - cfg.t_min)))
+    # ln(sigma/gamma) = -lambda ~ N(p_mean, p_std^2) on [-lam_hi, -lam_lo]: invert its CDF
+    lo, hi = torch.special.ndtr((torch.stack([-lam_hi, -lam_lo]) - cfg.p_mean) / cfg.p_std)
+    z = torch.special.ndtri(lo + (hi - lo) * u.to(torch.float64))
+    t = sde.t_from_log_snr(-(cfg.p_mean + cfg.p_std * z)).clamp(cfg.t_min, sde.T).to(u.dtype)
+    return t, loss_weight(sde, t, cfg.weighting)
 
 
 def loss_weight(sde: SDE, t: Tensor, weighting: str) -> Tensor:

@@ -7,7 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy import integrate
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import integrate, stats
 
 from sde_diffusion import GaussianMixture, get_sde
 from sde_diffusion.losses import LossConfig, dsm_loss, loss_weight, sample_time
@@ -138,6 +140,29 @@ def test_importance_sampled_times_follow_likelihood_density():
         assert float((t <= q).double().mean()) == pytest.approx(cdf, abs=0.015)
 
 
+@settings(max_examples=12, deadline=None)
+@given(
+    name=st.sampled_from(["vp", "vp_cosine", "subvp", "ve"]),
+    p_mean=st.floats(-3.0, 1.0),
+    p_std=st.floats(0.3, 2.0),
+)
+def test_lognormal_times_follow_edm_p_train(name, p_mean, p_std):
+    # ln(sigma_t / gamma_t) of the drawn times against the normal truncated to the SDE's range,
+    # whose CDF is written with scipy from the closed-form noise levels at the ends
+    sde = get_sde(name)
+    cfg = LossConfig(time="lognormal", p_mean=p_mean, p_std=p_std, t_min=1e-4)
+    t, w = sample_time(
+        sde, cfg, 20000, torch.Generator().manual_seed(0), torch.zeros((), dtype=torch.float64)
+    )
+    assert float(t.min()) >= cfg.t_min and float(t.max()) <= sde.T and bool((w == 1).all())
+    gamma, sigma = sde.marginal(t)
+    level = torch.log(sigma / gamma).numpy()
+    ends = sde.marginal(torch.tensor([cfg.t_min, sde.T], dtype=torch.float64))
+    a, b = (np.log((ends[1] / ends[0]).numpy()) - p_mean) / p_std
+    law = stats.truncnorm(a, b, loc=p_mean, scale=p_std)
+    assert stats.kstest(level, law.cdf).statistic < 0.015
+
+
 def test_label_dropout_uses_null_label():
     seen = {}
 
@@ -168,6 +193,9 @@ def test_label_dropout_uses_null_label():
         ({"weighting": "simple", "importance_sampling": True}, "likelihood weighting only"),
         ({"t_min": 0.0}, "t_min"),
         ({"p_uncond": 1.5}, r"\[0, 1\]"),
+        ({"time": "beta"}, "valid choices: uniform, lognormal"),
+        ({"time": "lognormal", "p_std": 0.0}, "p_std"),
+        ({"time": "lognormal", "weighting": "likelihood"}, "time=uniform"),
     ],
 )
 def test_bad_loss_config(kwargs, match):

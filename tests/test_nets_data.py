@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sde_diffusion.data import (
+    TOYS,
     DataConfig,
     batches,
     load_array,
@@ -79,7 +80,7 @@ def test_model_errors():
         )
 
 
-@pytest.mark.parametrize("name", ["swiss_roll", "two_moons", "eight_gaussians", "checkerboard"])
+@pytest.mark.parametrize("name", TOYS)
 def test_toys_are_reproducible_and_unit_scale(name):
     a = toy_data(name, 4000, torch.Generator().manual_seed(0))
     assert torch.equal(a, toy_data(name, 4000, torch.Generator().manual_seed(0)))
@@ -92,6 +93,17 @@ def test_checkerboard_occupies_alternate_squares():
     parity = (torch.floor(x[:, 0]) + torch.floor(x[:, 1])) % 2
     assert bool((parity == parity[0]).all())
     assert float(x.abs().max()) <= 2.0
+
+
+def test_circles_and_gaussian_grid_have_their_stated_geometry():
+    g = torch.Generator().manual_seed(0)
+    r = toy_data("circles", 5000, g).norm(dim=1)
+    off = torch.minimum((r - 1).abs(), (r - 2).abs())  # radii 1 and 2, noise sd 0.05
+    assert float(off.max()) < 0.35 and 0.4 < float((r < 1.5).double().mean()) < 0.6
+    x = toy_data("gaussian_grid", 5000, g)
+    centre = x.round().clamp(-2, 2)  # 25 components of sd 0.05 on {-2, ..., 2}^2
+    assert float((x - centre).std()) == pytest.approx(0.05, rel=0.05)
+    assert torch.unique(centre, dim=0).shape[0] == 25
 
 
 def test_digits_and_holdout_split():
