@@ -42,6 +42,7 @@ __all__ = [
     "oracle_metrics",
     "precision_recall",
     "sliced_wasserstein",
+    "sliced_wasserstein_floor",
     "train_digits_classifier",
 ]
 
@@ -159,6 +160,28 @@ def sliced_wasserstein(
     """
     x, y = _pair(x, y)
     return SlicedW2(y, num_projections, generator)(x)
+
+
+def sliced_wasserstein_floor(
+    pool: Tensor,
+    y: Tensor,
+    n: int,
+    num_projections: int = 512,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Sliced W2 from each of the len(pool) // n disjoint n-point subsets of `pool` to y, on one
+    set of directions: what exact samples of n points score against y, when pool is more data.
+
+    One such value is a poor yardstick: with n = 2000 points of a 2-D toy the disjoint subsets
+    of one training set range over 0.6-1.5x their median (a mode's weight moves by its binomial
+    noise, and W2 charges it the squared distance to the next mode). Read a model's n samples
+    against the median of these, and their spread as the noise of that comparison.
+    """
+    pool, y = _pair(pool, y)
+    if int(n) != n or not 1 <= n <= pool.shape[0]:
+        raise ValueError(f"n must be an integer in [1, {pool.shape[0]}] (the pool's size), got {n}")
+    score = SlicedW2(y, num_projections, generator)
+    return torch.stack([score(chunk) for chunk in pool[: pool.shape[0] // n * n].split(n)])
 
 
 # ---- MMD ----------------------------------------------------------------------------------------

@@ -42,16 +42,33 @@ def test_sliced_w2_of_shifted_isotropic_gaussians_is_shift_over_sqrt_d():
     assert float(sw) ** 2 == pytest.approx(1.0, abs=0.12)
 
 
+def _w2_1d(x: torch.Tensor, y: torch.Tensor) -> float:
+    """W2 of two 1-D empirical measures: the quantile step functions integrated at midpoints of
+    a grid that refines every breakpoint i / len(x) and j / len(y)."""
+    m = len(x) * len(y) * 8
+    u = (torch.arange(m, dtype=F64) + 0.5) / m
+    qx = torch.sort(x[:, 0]).values[(u * len(x)).floor().long()]
+    qy = torch.sort(y[:, 0]).values[(u * len(y)).floor().long()]
+    return float((qx - qy).square().mean().sqrt())
+
+
 def test_one_dimensional_w2_is_exact_for_unequal_sizes():
-    # in 1-D every projection is +-1, so SW2 = W2; the reference integrates the two quantile
-    # step functions at midpoints of a grid that refines every breakpoint i/7 and j/5
+    # in 1-D every projection is +-1, so SW2 = W2
     x = torch.randn(7, 1, generator=_gen(5), dtype=F64)
     y = torch.randn(5, 1, generator=_gen(6), dtype=F64) + 0.5
-    u = (torch.arange(35 * 8, dtype=F64) + 0.5) / (35 * 8)
-    qx = torch.sort(x[:, 0]).values[(u * 7).floor().long()]
-    qy = torch.sort(y[:, 0]).values[(u * 5).floor().long()]
-    ref = (qx - qy).square().mean().sqrt()
-    assert float(M.sliced_wasserstein(x, y, 3, _gen(7))) == pytest.approx(float(ref), rel=1e-12)
+    ref = _w2_1d(x, y)
+    assert float(M.sliced_wasserstein(x, y, 3, _gen(7))) == pytest.approx(ref, rel=1e-12)
+
+
+def test_sliced_w2_floor_scores_each_disjoint_subset():
+    pool = torch.randn(23, 1, generator=_gen(10), dtype=F64)  # three subsets of 7, two left over
+    y = torch.randn(5, 1, generator=_gen(11), dtype=F64) + 0.5
+    floor = M.sliced_wasserstein_floor(pool, y, 7, 3, _gen(12))
+    refs = [_w2_1d(pool[i : i + 7], y) for i in (0, 7, 14)]
+    torch.testing.assert_close(floor, torch.tensor(refs, dtype=F64), rtol=1e-12, atol=0)
+    for n in (0, 24, 2.5):
+        with pytest.raises(ValueError, match="pool's size"):
+            M.sliced_wasserstein_floor(pool, y, n)
 
 
 def test_sliced_w2_reproducible_and_validates():
