@@ -27,6 +27,8 @@ def test_defaults_and_groups_compose():
     )
     for sde in ("vp", "vp_cosine", "subvp", "ve"):
         assert _build([f"sde={sde}"]).sde.name == sde
+    cfg = _build(["loss=lognormal", "data=gaussian_grid"])
+    assert (cfg.loss.time, cfg.loss.p_mean, cfg.data.name) == ("lognormal", -1.2, "gaussian_grid")
 
 
 @pytest.mark.parametrize(
