@@ -44,7 +44,7 @@ from sde_diffusion.apps import report
 from sde_diffusion.apps.hydra_app import compose_config
 from sde_diffusion.apps.sample import run
 from sde_diffusion.data import DataConfig, load_data
-from sde_diffusion.metrics import SlicedW2, image_metrics
+from sde_diffusion.metrics import SlicedW2, image_metrics, sliced_wasserstein_floor
 from sde_diffusion.solvers import SOLVERS, sample
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -138,6 +138,14 @@ def peer_table(ckpt: str, nfes: list[int], n: int, out: Path) -> str:
     ]
     text = [f"{n} samples from common x_T, {time.perf_counter() - start:.0f} s; cells: value "
             "(counted NFE)"]  # fmt: skip
+    if not images and data.train.shape[0] >= n:
+        floor = sliced_wasserstein_floor(
+            data.train, data.test, n, 512, torch.Generator().manual_seed(7)
+        )
+        text[0] += (
+            f"; data vs data {floor.median():.4g}, the median of {len(floor)} disjoint training "
+            f"subsets of {n} (range {floor.min():.4g}-{floor.max():.4g})"
+        )
     for name, r in zip(names, rows, strict=True):
         text += [f"## {name}", "\n".join([*head, *r])]
     out.mkdir(parents=True, exist_ok=True)
