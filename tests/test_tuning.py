@@ -41,19 +41,48 @@ def test_tuned_grid_halves_the_error_to_the_exact_flow_on_fresh_draws(name):
     assert _rms(sample(score, sde, x_T, "unipc", grid=tuned.ts), flow) <= 0.5 * default
 
 
-def test_bookkeeping_initial_error_is_the_default_grid_and_nfe_adds_up():
-    """initial_error is the default grid's error recomputed independently through `sample`;
-    the tuned error is below it; NFE = trials x (steps + 1) when the reference is given."""
+def test_bookkeeping_errors_are_the_grids_on_their_draws_and_nfe_adds_up():
+    """The search sees the first 48 of 64 pilot draws and the last 16 choose where it stops:
+    initial_error / initial_holdout_error are the default grid's errors on those two parts, and
+    error / holdout_error the returned grid's, all recomputed independently through `sample`;
+    the returned grid is no worse than the start on the held-out draws. NFE = (trials + the
+    grids checked on the held-out draws: the start, the best after 10, 20 and 40 trials and the
+    final one, at most) x (steps + 1) when the reference is given."""
     sde = get_sde("vp")
     score = RING.score_fn(sde)
     pilot = _draws(sde, 64, seed=2)
     reference = sample(score, sde, pilot, "ode", 1, rtol=1e-7, atol=1e-7)
     tuned = tune_grid(score, sde, "dpm_solver", 5, pilot, trials=40, reference=reference)
+    fit, held = slice(0, 48), slice(48, 64)
     default = sample(score, sde, pilot, "dpm_solver", 5)
-    assert tuned.initial_error == pytest.approx(_rms(default, reference) ** 2, rel=1e-9)
+    ours = sample(score, sde, pilot, "dpm_solver", grid=tuned.ts)
+    for value, x, part in [
+        (tuned.initial_error, default, fit),
+        (tuned.initial_holdout_error, default, held),
+        (tuned.error, ours, fit),
+        (tuned.holdout_error, ours, held),
+    ]:
+        assert value == pytest.approx(_rms(x[part], reference[part]) ** 2, rel=1e-9)
+    assert tuned.holdout_error <= tuned.initial_holdout_error
     assert tuned.error < tuned.initial_error
-    assert tuned.trials == 40 and tuned.nfe == 40 * 6
+    assert tuned.trials == 40 and tuned.nfe % 6 == 0 and 41 * 6 <= tuned.nfe <= 45 * 6
     assert tuned.ts.dtype == torch.float64 and len(tuned.ts) == 6
+
+
+def test_the_held_out_draws_stop_a_search_that_fits_the_others():
+    """If the held-out draws' reference is the start grid's own output, every grid the search
+    moves to is worse there than the start (error 0), so the start grid comes back, although
+    the search improved on the draws it saw."""
+    sde = get_sde("vp")
+    score = RING.score_fn(sde)
+    pilot = _draws(sde, 64, seed=6)
+    reference = sample(score, sde, pilot, "ode", 1, rtol=1e-7, atol=1e-7)
+    reference[48:] = sample(score, sde, pilot[48:], "dpm_solver", 5)
+    tuned = tune_grid(score, sde, "dpm_solver", 5, pilot, trials=40, reference=reference)
+    start = resolve_grid(sde, None, 5, "log_snr", denoise=True)
+    torch.testing.assert_close(tuned.ts, start, rtol=1e-9, atol=1e-12)
+    assert tuned.holdout_error == tuned.initial_holdout_error < 1e-20
+    assert tuned.error == tuned.initial_error
 
 
 @settings(max_examples=50, deadline=None)

@@ -13,6 +13,14 @@ log-SNRs to minimise the mean squared distance between the solver's samples and 
 flow samples, by Nelder-Mead over a parametrisation that keeps every grid valid. The cost is
 paid once per (score function, SDE, solver, steps); the grid then serves any number of samples,
 from x_T drawn independently of the pilot.
+
+On multimodal targets that distance is carried by the few draws whose flow ends near a boundary
+between modes, so a search on them alone can fit those draws and lose elsewhere (on the oracle
+suite before this check, tuned grids at 20 evaluations were 1.7x worse than the untuned default
+on the 16-D mixture). A quarter of the pilot is therefore held out of the search, and of the
+start grid and the best grid found after 10, 20, 40, ... trials, the one closest to the flow on
+those held-out draws is returned: early stopping, which never returns a grid that the held-out
+draws rank below the start.
 """
 
 from __future__ import annotations
@@ -35,6 +43,11 @@ from .sampling import initial_state, sample
 
 #: the first simplex around a pinned start: each log step ratio moved by this much
 SIMPLEX = 0.3
+#: the share of the pilot held out of the search, to choose when to stop it
+HOLDOUT = 0.25
+#: the first trial count at which the best grid so far is kept for the held-out check; then
+#: every doubling of it, and the last trial
+FIRST_SNAPSHOT = 10
 
 __all__ = ["TunedGrid", "UntunableSolverError", "tunable_solvers", "tune_grid"]
 
@@ -52,9 +65,11 @@ def tunable_solvers() -> tuple[str, ...]:
 class TunedGrid:
     """What `tune_grid` returns: the grid (float64, T first) and what tuning found and cost.
 
-    error / initial_error: mean squared distance per sample between the solver's pilot samples
-    and the pilot's exact flow, on the tuned grid and on the start grid. nfe: every score
-    evaluation spent, the reference flow's included. solver / params / denoise: what the grid
+    error / initial_error: mean squared distance per sample between the solver's samples and
+    the exact flow on the draws the search saw, on the returned grid and on the start grid;
+    holdout_error / initial_holdout_error: the same on the held-out draws, which chose the
+    returned grid among the search's snapshots (module docstring). trials: grids tried by the
+    search. nfe: every score evaluation spent, the reference flow's included. solver / params / denoise: what the grid
     was tuned for (for solver=None, the pilot's choice); `kwargs` passes all of it to `sample`.
     """
 
@@ -63,6 +78,8 @@ class TunedGrid:
     initial_error: float
     trials: int
     nfe: int
+    holdout_error: float = float("nan")
+    initial_holdout_error: float = float("nan")
     solver: str = "unipc"
     params: dict = field(default_factory=dict)
     denoise: bool = True
@@ -115,13 +132,13 @@ def tune_grid(
 
     pilot: the shape of the batch of prior draws to tune on (drawn with `generator` on `device`
         in `dtype`), or the draws x_T themselves; 256 draws tuned the oracle mixtures of 2 and
-        16 dimensions as well as 1024.
+        16 dimensions as well as 1024. The last HOLDOUT of them (at least one, when there are
+        two or more) are held out of the search to decide where it stops.
     trials: grids tried (each costs `steps` + 1 evaluations on the pilot batch).
     reference: the pilot's exact probability-flow samples, if known; by default dopri5 at
         tolerance `pilot.REFERENCE_TOL` from the same draws.
     The search starts from the solver's default grid (ending at `grids.final_time`), or the
-    pilot's choice, and keeps the best grid seen, so the tuned grid is never worse than it on
-    the pilot. Only deterministic solvers that step on the grid can be tuned
+    pilot's choice; the grid returned is never worse than it on the held-out draws. Only deterministic solvers that step on the grid can be tuned
     (`tunable_solvers()`): a stochastic one has no flow to be brought close to.
     """
     check_callable(score_fn, "score_fn")
@@ -153,6 +170,9 @@ def tune_grid(
     else:
         name, params, denoise = solver, dict(solver_params), True
         start = resolve_grid(sde, None, steps, get_solver(solver).default_grid, denoise=True)
+    n = x_T.shape[0]
+    kept = n - (max(1, int(HOLDOUT * n)) if n > 1 else 0)
+    fit_x, fit_ref, held_x, held_ref = x_T[:kept], reference[:kept], x_T[kept:], reference[kept:]
     pinned = not denoise
     lam = sde.log_snr(start)
     lam_T = float(lam[0])
@@ -164,21 +184,45 @@ def tune_grid(
         theta0 = torch.log(h / max(lam_max - float(lam[-1]), 1e-6 * (lam_max - lam_T))).numpy()
     bar = tqdm(total=trials, desc=f"tuning {name}", disable=not progress, leave=False)
     errors: list[float] = []  # errors[0] is the start's: Nelder-Mead evaluates x0 first
+    best = (np.inf, theta0)
+    # (search error, theta) of the best grid after 1 trial (the start), 10, 20, 40, ... trials
+    snapshots: list[tuple[float, np.ndarray]] = []
+    marks = {1, trials, *(FIRST_SNAPSHOT * 2**k for k in range(trials.bit_length()))}
+
+    def run(theta: np.ndarray, x: Tensor, ref: Tensor) -> float:
+        nonlocal nfe
+        ts = _fractions_to_grid(theta, lam_T, lam_max, sde, pinned)
+        res = sample(score_fn, sde, x, name, grid=ts, denoise=denoise, return_info=True, **params)
+        nfe += res.nfe
+        return flow_error(res.samples, ref)
 
     def error(theta: np.ndarray) -> float:
-        nonlocal nfe
+        nonlocal best
         bar.update(1)
-        ts = _fractions_to_grid(theta, lam_T, lam_max, sde, pinned)
-        res = sample(score_fn, sde, x_T, name, grid=ts, denoise=denoise, return_info=True, **params)
-        nfe += res.nfe
-        errors.append(flow_error(res.samples, reference))
+        errors.append(run(theta, fit_x, fit_ref))
+        if errors[-1] < best[0]:
+            best = (errors[-1], np.array(theta))
+        if len(errors) in marks:
+            snapshots.append(best)
         return errors[-1]
 
     with bar:
         options = {"maxfev": trials, "xatol": 1e-4, "fatol": 1e-10, "adaptive": True}
         if pinned:  # theta0 = 0 on a uniform start, where scipy's default simplex is 2.5e-4 wide
             options["initial_simplex"] = np.vstack([theta0, theta0 + SIMPLEX * np.eye(len(theta0))])
-        # x0 is a vertex of the simplex and the best vertex comes back: never worse than the start
         found = minimize(error, theta0, method="Nelder-Mead", options=options)
-    grid = _fractions_to_grid(found.x, lam_T, lam_max, sde, pinned)
-    return TunedGrid(grid, float(found.fun), errors[0], len(errors), nfe, name, params, denoise)
+    snapshots.append((float(found.fun), found.x))
+    unique: dict[tuple, tuple[float, np.ndarray]] = {}
+    for e, th in snapshots:  # in order: the start first
+        unique.setdefault(tuple(th), (e, th))
+    if kept < n:  # the snapshot closest on the held-out draws; ties keep the earlier, less fitted
+        scored = [(run(th, held_x, held_ref), e, th) for e, th in unique.values()]
+        held_error, fit_error, theta = min(scored, key=lambda r: r[0])
+        start_held = scored[0][0]
+    else:
+        fit_error, theta = min(unique.values(), key=lambda r: r[0])
+        held_error = start_held = float("nan")
+    return TunedGrid(
+        _fractions_to_grid(theta, lam_T, lam_max, sde, pinned), float(fit_error), errors[0],
+        len(errors), nfe, float(held_error), float(start_held), name, params, denoise,
+    )  # fmt: skip
