@@ -6,9 +6,10 @@ NFE 10, 20 and 50 from the same x_T and noise seeds. 2-D data: the MLP with the 
 (or the training app's defaults, --settings app), 2000 samples, sliced W2 to 2000 held-out points
 (data vs data for scale: the median over disjoint 2000-point subsets of the training set, and
 their range, the noise of one comparison), and a star on every value whose samples reach
-beyond 3x the held-out data's largest radius (prior-tail starts carried to far outliers). digits: the U-Net of
-conf/model/unet.yaml with conf/train/digits.yaml (unconditional), 500 samples, Frechet distance,
-precision and recall in the digits classifier's features against the 359 held-out digits.
+beyond 3x the held-out data's largest radius (prior-tail starts carried to far outliers).
+digits: the U-Net of conf/model/unet.yaml with conf/train/digits.yaml (unconditional), 500
+samples, Frechet distance, precision and recall in the digits classifier's features against
+the 359 held-out digits.
 Prints Markdown tables and writes them to --md.
 
     python benchmarks/parametrisations.py                                 # 4 x swiss roll, ~6 min

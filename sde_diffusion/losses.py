@@ -24,8 +24,10 @@ time="lognormal", ln(sigma_t / gamma_t) ~ N(p_mean, p_std^2), truncated to the S
 and drawn by inverting the truncated normal's CDF, so no time piles up at an end. It changes
 only the density of t, not the per-t weight: with the simple weighting and the edm
 parametrisation the objective is EDM's, E_{sigma ~ p_train}[lambda(sigma) ||D - x_0||^2].
-Uniform t spends little of training where fine structure is learned: on the linear VP SDE
-sigma_t / gamma_t < 0.2 for 6% of t ~ U(0, 1), against 37% under EDM's p_train.
+Uniform t spends less of training at low noise (on the linear VP SDE sigma_t / gamma_t < 0.2
+for 6% of t ~ U(0, 1), against 37% under EDM's p_train), yet on the 2-D toys with the edm
+parametrisation p_train left the flow's error as it was or worse (README, "Parametrisation"),
+so uniform stays the default.
 
 Other parametrisations (precondition.py: x0, v, EDM's preconditioned denoiser) regress their raw
 output F on its target F*, with eps_theta - eps = eps_f(t) (F - F*). The simple weighting is each

@@ -6,9 +6,9 @@ printed beside the same distance from 2000 training points to the held-out point
 samples of the *same* distribution are that far apart, so it is the scale to read the first
 number against. That scale is the median over the 10 disjoint 2000-point subsets of the
 training set, whose spread (printed) is the noise of any one comparison: a single subset reads
-anywhere in 0.7-1.2x the median here (metrics.sliced_wasserstein_floor). The MLP is trained in the default parametrisation (EDM's
-preconditioning, sde_diffusion.precondition). Writes outputs/demo/demo.png (data beside
-samples) and prints its path.
+anywhere in 0.7-1.2x the median here (metrics.sliced_wasserstein_floor). The MLP is trained in
+the default parametrisation (EDM's preconditioning, sde_diffusion.precondition). Writes
+outputs/demo/demo.png (data beside samples) and prints its path.
 
     sde-diffusion demo [--steps N] [--out DIR]
 """

@@ -69,8 +69,9 @@ class TunedGrid:
     the exact flow on the draws the search saw, on the returned grid and on the start grid;
     holdout_error / initial_holdout_error: the same on the held-out draws, which chose the
     returned grid among the search's snapshots (module docstring). trials: grids tried by the
-    search. nfe: every score evaluation spent, the reference flow's included. solver / params / denoise: what the grid
-    was tuned for (for solver=None, the pilot's choice); `kwargs` passes all of it to `sample`.
+    search. nfe: every score evaluation spent, the reference flow's included. solver / params /
+    denoise: what the grid was tuned for (for solver=None, the pilot's choice); `kwargs` passes
+    all of it to `sample`.
     """
 
     ts: Tensor
@@ -138,8 +139,9 @@ def tune_grid(
     reference: the pilot's exact probability-flow samples, if known; by default dopri5 at
         tolerance `pilot.REFERENCE_TOL` from the same draws.
     The search starts from the solver's default grid (ending at `grids.final_time`), or the
-    pilot's choice; the grid returned is never worse than it on the held-out draws. Only deterministic solvers that step on the grid can be tuned
-    (`tunable_solvers()`): a stochastic one has no flow to be brought close to.
+    pilot's choice; the grid returned is never worse than it on the held-out draws. Only
+    deterministic solvers that step on the grid can be tuned (`tunable_solvers()`): a stochastic
+    one has no flow to be brought close to.
     """
     check_callable(score_fn, "score_fn")
     check_sde(sde)
