@@ -118,7 +118,24 @@ def test_bad_input_names_the_problem():
         tune_grid(score, sde, "unipc", 3, (8, 2), reference=torch.zeros(4, 2))
     with pytest.raises(ValueError, match="pilot"):
         tune_grid(score, sde, "unipc", 3, torch.full((4, 2), float("nan")))
+    for holdout in (-0.1, 1.0):
+        with pytest.raises(ValueError, match=r"holdout .* in \[0, 1\); got"):
+            tune_grid(score, sde, "unipc", 3, (8, 2), holdout=holdout)
     assert set(tunable_solvers()) == {"dpm_solver", "unipc"}
+
+
+def test_holdout_zero_searches_every_draw():
+    """holdout=0: the search sees all 16 draws (its start error is the default grid's on all of
+    them) and no held-out error is reported."""
+    sde = get_sde("vp")
+    score = RING.score_fn(sde)
+    pilot = _draws(sde, 16, seed=7)
+    reference = sample(score, sde, pilot, "ode", 1, rtol=1e-7, atol=1e-7)
+    tuned = tune_grid(score, sde, "unipc", 4, pilot, trials=10, holdout=0, reference=reference)
+    default = sample(score, sde, pilot, "unipc", 4)
+    assert tuned.initial_error == pytest.approx(_rms(default, reference) ** 2, rel=1e-9)
+    assert np.isnan(tuned.holdout_error) and np.isnan(tuned.initial_holdout_error)
+    assert tuned.error <= tuned.initial_error
 
 
 def test_float32_pilot_tunes_and_returns_a_float64_grid():

@@ -12,6 +12,7 @@ from omegaconf import MISSING
 
 from ..guidance import MASKS
 from ..solvers import GRIDS, get_solver
+from ..solvers.tuning import HOLDOUT
 from .config import dtype_of
 
 MODELS = ("oracle", "ckpt")
@@ -62,15 +63,19 @@ class SolverConfig:
 @dataclass
 class TuneConfig:
     """`solver.grid=tuned`: `trials` trial grids on `pilot` prior draws (seeded by `seed`,
-    apart from the sampling noise) against their exact probability flow."""
+    apart from the sampling noise) against their exact probability flow, the `holdout` share of
+    the draws held out of the search to decide where it stops (`solvers.tune_grid`)."""
 
     pilot: int = 256
     trials: int = 300
     seed: int = 7919
+    holdout: float = HOLDOUT
 
     def __post_init__(self) -> None:
         if self.pilot < 1 or self.trials < 1:
             raise ValueError(f"tune.pilot and tune.trials must be >= 1, got {self}")
+        if not 0 <= self.holdout < 1:
+            raise ValueError(f"tune.holdout must lie in [0, 1), got {self.holdout}")
 
 
 GUIDANCE_KINDS = ("cfg", "classifier")

@@ -37,6 +37,7 @@ def sampling_grid(
         cfg.steps,
         (cfg.tune.pilot, *target.data_shape),
         trials=cfg.tune.trials,
+        holdout=cfg.tune.holdout,
         generator=torch.Generator(device).manual_seed(cfg.tune.seed),
         device=device,
         dtype=dtype,
