@@ -139,7 +139,8 @@ def tune_grid(
         held out of the search to decide where it stops. Draws whose flow switches modes can be
         rarer than 1 in 100: on the 16-D oracle mixture at 20 evaluations, 64 held-out draws let
         through a grid that fresh draws put 1.7x behind the start, and 1024 (a pilot of 1280,
-        holdout=0.8; the search's cost stays that of 256) stopped it.
+        holdout=0.8; the search's cost stays that of 256) stopped it, though over the whole
+        benchmark suites that setting was no better than 0.25 (README, "Tuned grids").
     trials: grids tried (each costs `steps` + 1 evaluations on the searched draws).
     reference: the pilot's exact probability-flow samples, if known; by default dopri5 at
         tolerance `pilot.REFERENCE_TOL` from the same draws.
