@@ -53,11 +53,9 @@ def sampling_grid(
         "seconds": time.perf_counter() - start,
         "error": fit.error,
         "initial_error": fit.initial_error,
-        # None when a pilot of one draw leaves none held out (NaN is not JSON)
-        "holdout_error": None if math.isnan(fit.holdout_error) else fit.holdout_error,
-        "initial_holdout_error": (
-            None if math.isnan(fit.initial_holdout_error) else fit.initial_holdout_error
-        ),
     }
+    for key in ("holdout_error", "initial_holdout_error"):  # NaN (none held out) is not JSON
+        value = getattr(fit, key)
+        info[key] = None if math.isnan(value) else value
     (out / "grid.json").write_text(json.dumps({**info, "ts": fit.ts.tolist()}, indent=2))
     return fit.ts, info

@@ -50,7 +50,6 @@ __all__ = [
     "PilotChoice",
     "choose",
     "exact_flow",
-    "moment_error",
     "pilot_draws",
     "run_candidate",
 ]
@@ -122,7 +121,7 @@ CANDIDATES = tuple(
 class PilotChoice:
     """What `choose` returns: the chosen candidate, every candidate's error (mean
     squared distance per pilot sample to the exact flow; inf where it diverged) and moment error
-    (`moment_error`), the score calls spent (nfe, on batches of draws) and the single-sample
+    (`MomentError`), the score calls spent (nfe, on batches of draws) and the single-sample
     evaluations they made (evaluations), the reference flow's included."""
 
     candidate: Candidate
@@ -203,11 +202,6 @@ class MomentError:
         return kl if math.isfinite(kl) else math.inf
 
 
-def moment_error(x: Tensor, reference: Tensor) -> float:
-    """`MomentError(reference)(x)`: one comparison."""
-    return MomentError(reference)(x)
-
-
 def choose(
     score_fn: ScoreFn,
     sde: SDE,
@@ -220,7 +214,7 @@ def choose(
 ) -> PilotChoice:
     """The candidate whose samples from the pilot draws x_T lie closest to their exact flow
     `reference` (by default solved here), at `steps` evaluations each, ties within TIE decided
-    by `moment_error`; `batch`: evaluate the score on batches of this many draws (all of them
+    by `MomentError`; `batch`: evaluate the score on batches of this many draws (all of them
     at once by default).
 
     Every candidate runs on every draw: screening all of them on the first 32 draws and running
@@ -247,10 +241,10 @@ def choose(
         if reference is None:
             reference = batched(exact_flow)
             bar.update(1)
-        errors, moments, moment_error_of = {}, {}, MomentError(reference)
+        errors, moments, moment_error = {}, {}, MomentError(reference)
         for c in fitting:
             samples = batched(run_candidate, c, c.grid_for(sde, steps))
-            errors[c], moments[c] = flow_error(samples, reference), moment_error_of(samples)
+            errors[c], moments[c] = flow_error(samples, reference), moment_error(samples)
             bar.update(1)
     closest = min(errors.values())
     ties = [c for c in fitting if errors[c] <= TIE * closest]

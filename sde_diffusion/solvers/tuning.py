@@ -174,9 +174,9 @@ def tune_grid(
     if solver is None:
         choice = choose(score_fn, sde, steps, x_T, reference)
         nfe += choice.nfe
-        best = choice.candidate
-        name, params, denoise = best.solver, {**best.params, **solver_params}, best.denoise
-        start = best.grid_for(sde, steps)
+        chosen = choice.candidate
+        name, params, denoise = chosen.solver, {**chosen.params, **solver_params}, chosen.denoise
+        start = chosen.grid_for(sde, steps)
     else:
         name, params, denoise = solver, dict(solver_params), True
         start = resolve_grid(sde, None, steps, get_solver(solver).default_grid, denoise=True)
@@ -194,7 +194,7 @@ def tune_grid(
         theta0 = torch.log(h / max(lam_max - float(lam[-1]), 1e-6 * (lam_max - lam_T))).numpy()
     bar = tqdm(total=trials, desc=f"tuning {name}", disable=not progress, leave=False)
     errors: list[float] = []  # errors[0] is the start's: Nelder-Mead evaluates x0 first
-    best = (np.inf, theta0)
+    leader = (np.inf, theta0)
     # (search error, theta) of the best grid after 1 trial (the start), 10, 20, 40, ... trials
     snapshots: list[tuple[float, np.ndarray]] = []
     marks = {1, trials, *(FIRST_SNAPSHOT * 2**k for k in range(trials.bit_length()))}
@@ -207,13 +207,13 @@ def tune_grid(
         return flow_error(res.samples, ref)
 
     def error(theta: np.ndarray) -> float:
-        nonlocal best
+        nonlocal leader
         bar.update(1)
         errors.append(run(theta, fit_x, fit_ref))
-        if errors[-1] < best[0]:
-            best = (errors[-1], np.array(theta))
+        if errors[-1] < leader[0]:
+            leader = (errors[-1], np.array(theta))
         if len(errors) in marks:
-            snapshots.append(best)
+            snapshots.append(leader)
         return errors[-1]
 
     with bar:
