@@ -53,6 +53,8 @@ def sampling_grid(
         "seconds": time.perf_counter() - start,
         "error": fit.error,
         "initial_error": fit.initial_error,
+        "switch_error": fit.switch_error,
+        "initial_switch_error": fit.initial_switch_error,
     }
     for key in ("holdout_error", "initial_holdout_error"):  # NaN (none held out) is not JSON
         value = getattr(fit, key)

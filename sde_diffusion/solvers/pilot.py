@@ -18,6 +18,17 @@ relatively. That is the spirit of the optimised schedules of Watson et al. (2021
 ("Align Your Steps", 2024) and Xue et al. (2024), restricted to a finite family so that it costs
 a fixed number of evaluations and cannot overfit the pilot.
 
+On a multimodal target the flow map jumps where x_T crosses a boundary between the basins of
+two modes, and a sampler whose own boundary lies a little off sends the draws in between to the
+other mode: rare (1 in 1000 on the 32-D mixture of benchmarks/steps_vs_quality.py), but each
+such draw costs the squared distance between modes, so those draws decide the mean squared
+distance, and a few hundred prior draws do not see them. `Boundaries` measures them directly:
+it bisects great-circle arcs x(theta) = a cos(theta) + b sin(theta) between pairs of prior
+draws (every x(theta) is itself a prior draw) to where the exact flow jumps, and times the
+angle by which a candidate's own jump misses, over the arc's quarter turn, by the squared jump:
+an estimate of what that candidate's switches add to its mean squared distance over all prior
+draws, which the pilot adds to the distance on its draws.
+
 The cost, `PilotChoice.evaluations` single-sample evaluations, is paid once per (score function,
 SDE, steps, sample shape, dtype, device): `sample()` keeps the choice for as long as the score
 function lives. The draws come from their own seeded generator, so a pilot never touches the
@@ -26,10 +37,11 @@ caller's random state and the same call always makes the same choice.
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -42,9 +54,11 @@ from ._registry import CheckedScore, get_solver
 from .grids import GRIDS, final_time, time_grid
 
 __all__ = [
+    "BOUNDARY_ARCS",
     "CANDIDATES",
     "PILOT_DRAWS",
     "TIE",
+    "Boundaries",
     "Candidate",
     "MomentError",
     "PilotChoice",
@@ -63,6 +77,18 @@ REFERENCE_TOL = 1e-5
 #: candidates within this factor of the smallest squared distance to the flow are ties, decided
 #: by their moments
 TIE = 1.25
+#: great-circle arcs of prior draws on which the pilot looks for jumps of the flow map
+BOUNDARY_ARCS = 32
+#: bisections of an arc to its jump: to within a quarter turn / 2^14 = 9.6e-5 rad, LADDER[0]
+HALVINGS = 14
+#: an arc jumps where its last bracket's ends lie at least this share as far apart as those of
+#: the bracket RECENT halvings wider (a smooth map leaves 2^-RECENT of it; a steep but resolved
+#: slope shrinks the same way); arcs whose bracket shrinks faster than a third of that share per
+#: RECENT halvings are dropped on the way
+JUMP = 0.5
+RECENT = 4
+#: angles (rad) from a jump at which a sampler's side is tested: 1e-4 to 0.073 in factors of 3
+LADDER = tuple(1e-4 * 3.0**k for k in range(7))
 #: how a candidate's samples end: "t_min" (the grid's end), "zero" (the eps polynomial's own
 #: step to sigma = 0, no evaluation), "tweedie" (one step fewer, then x0 = E[x_0 | x_t] from
 #: `grids.final_time`)
@@ -117,28 +143,118 @@ CANDIDATES = tuple(
 )
 
 
+@dataclass
+class Boundaries:
+    """Where the exact flow map jumps on `arcs` great-circle arcs of prior draws: for each arc
+    with a jump, its ends a and b, the angle theta of the jump and the flow's samples just
+    below and above it (module docstring)."""
+
+    arcs: int
+    a: Tensor
+    b: Tensor
+    theta: Tensor
+    below: Tensor
+    above: Tensor
+
+    @classmethod
+    def find(
+        cls, flow: Callable[[Tensor], Tensor], sde: SDE, like: Tensor, arcs: int
+    ) -> Boundaries:
+        """Bisect `arcs` arcs (ends drawn from the pilot's generator, seeded apart from its
+        draws) to the jumps of `flow`, a batch map x_T -> x_0; arcs whose bracket stops
+        jumping are dropped as soon as it does."""
+        ends = pilot_draws(sde, like, 2 * arcs, PILOT_SEED + 1)
+        a, b = ends[:arcs], ends[arcs:]
+        lo = torch.zeros(arcs, dtype=torch.float64, device=like.device)
+        hi = torch.full_like(lo, math.pi / 2)
+        below, above = flow(a), flow(b)
+        widths = [_distance(below, above)]  # the brackets' output distances, per halving
+        for k in range(HALVINGS):
+            if k >= RECENT:
+                keep = widths[-1] > JUMP / 3 * widths[-1 - RECENT]
+                a, b, lo, hi, below, above = (v[keep] for v in (a, b, lo, hi, below, above))
+                widths = [w[keep] for w in widths]
+            if not len(a):
+                break
+            mid = (lo + hi) / 2
+            y = flow(_arc(a, b, mid))
+            lower = _distance(below, y) >= _distance(y, above)  # the jump lies below mid
+            hi, lo = torch.where(lower, mid, hi), torch.where(lower, lo, mid)
+            pick = lower.reshape(-1, *[1] * (y.dim() - 1))
+            above, below = torch.where(pick, y, above), torch.where(pick, below, y)
+            widths.append(_distance(below, above))
+        keep = widths[-1] >= JUMP * widths[-1 - RECENT] if len(a) else torch.zeros(0, dtype=bool)
+        theta = (lo + hi) / 2
+        return cls(arcs, a[keep], b[keep], theta[keep], below[keep], above[keep])
+
+    def __len__(self) -> int:
+        return len(self.theta)
+
+    def switch_error(self, run: Callable[[Tensor], Tensor]) -> float:
+        """What the draws `run` (a batch map x_T -> x_0) sends across a jump of the flow add to
+        its mean squared distance to the flow, per prior draw: over every arc, the angle between
+        the flow's jump and run's own (found on the LADDER by 3 bisections after one run at the
+        jump) times the squared jump, over a quarter turn. 0 where no arc jumps."""
+        if not len(self):
+            return 0.0
+        ladder = torch.tensor(LADDER, dtype=torch.float64, device=self.theta.device)
+        side = self._side(run(_arc(self.a, self.b, self.theta)))
+        # run lands above at the jump: its own jump lies below it, wrong (above) from theta down
+        # to it; so test downwards, and upwards when it lands below
+        direction = 1.0 - 2.0 * side.double()
+        lo = torch.zeros(len(self), dtype=torch.long, device=ladder.device)
+        hi = torch.full_like(lo, len(LADDER))
+        for _ in range(len(LADDER).bit_length()):
+            mid = (lo + hi) // 2
+            theta = self.theta + direction * ladder[mid]
+            wrong = self._side(run(_arc(self.a, self.b, theta))) == side
+            lo, hi = torch.where(wrong, mid + 1, lo), torch.where(wrong, hi, mid)
+        # lo rungs are wrong: the miss lies between rung lo - 1 and rung lo
+        upper = ladder[lo.clamp(max=len(LADDER) - 1)]
+        lower = torch.where(lo > 0, ladder[(lo - 1).clamp(min=0)], upper / 4)
+        miss = torch.where(lo < len(LADDER), (lower * upper).sqrt(), ladder[-1])
+        jump2 = _distance(self.below, self.above) ** 2
+        return float((miss * jump2).sum()) / (math.pi / 2) / self.arcs
+
+    def _side(self, y: Tensor) -> Tensor:
+        """Whether each sample lies on the flow's upper side of its jump (nearer `above`)."""
+        return _distance(y, self.below) > _distance(y, self.above)
+
+
+def _arc(a: Tensor, b: Tensor, theta: Tensor) -> Tensor:
+    theta = theta.reshape(-1, *[1] * (a.dim() - 1)).to(a)
+    return a * torch.cos(theta) + b * torch.sin(theta)
+
+
+def _distance(x: Tensor, y: Tensor) -> Tensor:
+    return (x - y).flatten(1).double().norm(dim=1)
+
+
 @dataclass(frozen=True)
 class PilotChoice:
     """What `choose` returns: the chosen candidate, every candidate's error (mean
-    squared distance per pilot sample to the exact flow; inf where it diverged) and moment error
-    (`MomentError`), the score calls spent (nfe, on batches of draws) and the single-sample
-    evaluations they made (evaluations), the reference flow's included."""
+    squared distance per pilot sample to the exact flow, plus its switch error across the jumps
+    `boundaries` found; inf where it diverged), switch error (`Boundaries.switch_error`) and
+    moment error (`MomentError`), the score calls spent (nfe, on batches of draws) and the
+    single-sample evaluations they made (evaluations), the reference flow's included."""
 
     candidate: Candidate
     errors: dict[Candidate, float]
     moments: dict[Candidate, float]
     nfe: int
     evaluations: int
+    switches: dict[Candidate, float] = field(default_factory=dict)
+    boundaries: Boundaries | None = None
 
     @property
     def error(self) -> float:
         return self.errors[self.candidate]
 
 
-def pilot_draws(sde: SDE, like: Tensor, draws: int = PILOT_DRAWS) -> Tensor:
+def pilot_draws(sde: SDE, like: Tensor, draws: int = PILOT_DRAWS, seed: int = PILOT_SEED) -> Tensor:
     """`draws` prior samples shaped like one sample of `like`, on its device and in its dtype,
     from the pilot's own seeded generator."""
-    g = torch.Generator().manual_seed(PILOT_SEED)
+    g = torch.Generator().manual_seed(seed)
     z = torch.randn((draws, *like.shape[1:]), generator=g, dtype=like.dtype)
     return sde.prior_std() * z.to(like.device)
 
@@ -211,11 +327,13 @@ def choose(
     candidates: Sequence[Candidate] = CANDIDATES,
     progress: bool = False,
     batch: int | None = None,
+    arcs: int = BOUNDARY_ARCS,
 ) -> PilotChoice:
     """The candidate whose samples from the pilot draws x_T lie closest to their exact flow
-    `reference` (by default solved here), at `steps` evaluations each, ties within TIE decided
-    by `MomentError`; `batch`: evaluate the score on batches of this many draws (all of them
-    at once by default).
+    `reference` (by default solved here), at `steps` evaluations each, its switch error across
+    the flow's jumps on `arcs` arcs added (`Boundaries`; none for arcs=0), ties within TIE
+    decided by `MomentError`; `batch`: evaluate the score on batches of this many draws (all of
+    them at once by default).
 
     Every candidate runs on every draw: screening all of them on the first 32 draws and running
     the 6 closest there on all 256 costs 0.38 of the evaluations, but on the multimodal problems
@@ -233,23 +351,48 @@ def choose(
         raise ValueError(f"no pilot candidate fits {steps} steps")
     size = batch or x_T.shape[0]
 
-    def batched(run: Callable[..., Tensor], *args: object) -> Tensor:
-        return torch.cat([run(counted, sde, x, *args) for x in x_T.split(size)])
+    def batched(run: Callable[..., Tensor], x: Tensor, *args: object) -> Tensor:
+        """run on chunks of `size` draws, the last padded to it when a batch size is given."""
+        out = []
+        for chunk in x.split(size):
+            n = chunk.shape[0]
+            if batch is not None and n < size:
+                chunk = torch.cat([chunk, chunk[-1:].expand(size - n, *chunk.shape[1:])])
+            out.append(run(counted, sde, chunk, *args)[:n])
+        return torch.cat(out)
 
-    bar = tqdm(total=len(fitting) + (reference is None), desc="pilot", disable=not progress)
+    bar = tqdm(total=len(fitting) + 1 + (reference is None), desc="pilot", disable=not progress)
     with bar:
         if reference is None:
-            reference = batched(exact_flow)
+            reference = batched(exact_flow, x_T)
             bar.update(1)
-        errors, moments, moment_error = {}, {}, MomentError(reference)
+        boundaries = None
+        if arcs:
+            boundaries = Boundaries.find(functools.partial(batched, exact_flow), sde, x_T, arcs)
+        bar.update(1)
+        errors, moments, switches, moment_error = {}, {}, {}, MomentError(reference)
         for c in fitting:
-            samples = batched(run_candidate, c, c.grid_for(sde, steps))
-            errors[c], moments[c] = flow_error(samples, reference), moment_error(samples)
+            ts = c.grid_for(sde, steps)
+            run = functools.partial(_run_on, batched, c, ts)
+            samples = run(x_T)
+            switches[c] = boundaries.switch_error(run) if boundaries else 0.0
+            errors[c] = flow_error(samples, reference) + switches[c]
+            moments[c] = moment_error(samples)
             bar.update(1)
-    closest = min(errors.values())
-    ties = [c for c in fitting if errors[c] <= TIE * closest]
+    closest = min(fitting, key=errors.__getitem__)
+    # the moments cannot see switches: a tie's may not exceed the closest's by the tie margin
+    margin = (TIE - 1) * errors[closest]
+    ties = [
+        c
+        for c in fitting
+        if errors[c] <= errors[closest] + margin and switches[c] <= switches[closest] + margin
+    ]
     best = min(ties, key=moments.__getitem__)
-    return PilotChoice(best, errors, moments, checked.nfe, evaluations)
+    return PilotChoice(best, errors, moments, checked.nfe, evaluations, switches, boundaries)
+
+
+def _run_on(batched: Callable[..., Tensor], c: Candidate, ts: Tensor, x: Tensor) -> Tensor:
+    return batched(run_candidate, x, c, ts)
 
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -18,13 +18,14 @@ On multimodal targets that distance is carried by the few draws whose flow ends 
 between modes, so a search on them alone can fit those draws and lose elsewhere. A share of the
 pilot (a quarter by default) is therefore held out of the search, and of the start grid and the
 best grid found after 10, 20, 40, ... trials, the one closest to the flow on those held-out
-draws is returned: early stopping, which never returns a grid that the held-out draws rank
-below the start. Draws that switch modes can be rarer than a held-out quarter of 256 shows
-(README, "Tuned grids").
+draws, plus its switch error across the flow's jumps (`pilot.Boundaries`: draws that switch
+modes are rarer than a held-out quarter of 256 shows), is returned: early stopping, which
+never returns a grid that those measures rank below the start (README, "Tuned grids").
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -38,7 +39,7 @@ from .._tensor import check_callable, check_int
 from ..sde import SDE, ScoreFn, check_sde
 from ._registry import SOLVERS, CheckedScore, generator_noise, get_solver
 from .grids import resolve_grid
-from .pilot import choose, exact_flow, flow_error
+from .pilot import BOUNDARY_ARCS, Boundaries, choose, exact_flow, flow_error
 from .sampling import initial_state, sample
 
 #: the first simplex around a pinned start: each log step ratio moved by this much
@@ -67,8 +68,10 @@ class TunedGrid:
 
     error / initial_error: mean squared distance per sample between the solver's samples and
     the exact flow on the draws the search saw, on the returned grid and on the start grid;
-    holdout_error / initial_holdout_error: the same on the held-out draws, which chose the
-    returned grid among the search's snapshots (module docstring). trials: grids tried by the
+    holdout_error / initial_holdout_error: the same on the held-out draws plus the switch error
+    (`pilot.Boundaries.switch_error`), which chose the returned grid among the search's
+    snapshots (module docstring); switch_error / initial_switch_error: that switch error alone
+    (0 where the flow has no jump on the pilot's arcs). trials: grids tried by the
     search. nfe: every score evaluation spent, the reference flow's included. solver / params /
     denoise: what the grid was tuned for (for solver=None, the pilot's choice); `kwargs` passes
     all of it to `sample`.
@@ -81,6 +84,8 @@ class TunedGrid:
     nfe: int
     holdout_error: float = float("nan")
     initial_holdout_error: float = float("nan")
+    switch_error: float = 0.0
+    initial_switch_error: float = 0.0
     solver: str = "unipc"
     params: dict = field(default_factory=dict)
     denoise: bool = True
@@ -171,17 +176,23 @@ def tune_grid(
         raise ValueError(
             f"reference has shape {tuple(reference.shape)}, the pilot {tuple(x_T.shape)}"
         )
+    n = x_T.shape[0]
+    kept = n - (max(1, int(holdout * n)) if n > 1 and holdout > 0 else 0)
     if solver is None:
-        choice = choose(score_fn, sde, steps, x_T, reference)
+        choice = choose(score_fn, sde, steps, x_T, reference, arcs=BOUNDARY_ARCS * (kept < n))
         nfe += choice.nfe
-        chosen = choice.candidate
+        chosen, boundaries = choice.candidate, choice.boundaries
         name, params, denoise = chosen.solver, {**chosen.params, **solver_params}, chosen.denoise
         start = chosen.grid_for(sde, steps)
     else:
         name, params, denoise = solver, dict(solver_params), True
         start = resolve_grid(sde, None, steps, get_solver(solver).default_grid, denoise=True)
-    n = x_T.shape[0]
-    kept = n - (max(1, int(holdout * n)) if n > 1 and holdout > 0 else 0)
+        boundaries = None
+        if kept < n:
+            counted = CheckedScore(score_fn)
+            flow = functools.partial(exact_flow, counted, sde)
+            boundaries = Boundaries.find(flow, sde, x_T, BOUNDARY_ARCS)
+            nfe += counted.nfe
     fit_x, fit_ref, held_x, held_ref = x_T[:kept], reference[:kept], x_T[kept:], reference[kept:]
     pinned = not denoise
     lam = sde.log_snr(start)
@@ -199,12 +210,18 @@ def tune_grid(
     snapshots: list[tuple[float, np.ndarray]] = []
     marks = {1, trials, *(FIRST_SNAPSHOT * 2**k for k in range(trials.bit_length()))}
 
-    def run(theta: np.ndarray, x: Tensor, ref: Tensor) -> float:
+    def samples(theta: np.ndarray, x: Tensor) -> Tensor:
         nonlocal nfe
         ts = _fractions_to_grid(theta, lam_T, lam_max, sde, pinned)
         res = sample(score_fn, sde, x, name, grid=ts, denoise=denoise, return_info=True, **params)
         nfe += res.nfe
-        return flow_error(res.samples, ref)
+        return res.samples
+
+    def run(theta: np.ndarray, x: Tensor, ref: Tensor) -> float:
+        return flow_error(samples(theta, x), ref)
+
+    def switch_error(theta: np.ndarray) -> float:
+        return boundaries.switch_error(lambda x: samples(theta, x)) if boundaries else 0.0
 
     def error(theta: np.ndarray) -> float:
         nonlocal leader
@@ -225,14 +242,19 @@ def tune_grid(
     unique: dict[tuple, tuple[float, np.ndarray]] = {}
     for e, th in snapshots:  # in order: the start first
         unique.setdefault(tuple(th), (e, th))
-    if kept < n:  # the snapshot closest on the held-out draws; ties keep the earlier, less fitted
-        scored = [(run(th, held_x, held_ref), e, th) for e, th in unique.values()]
-        held_error, fit_error, theta = min(scored, key=lambda r: r[0])
-        start_held = scored[0][0]
+    if kept < n:  # the snapshot closest on the held-out draws and the jumps; ties keep the earlier
+        scored = []
+        for e, th in unique.values():
+            switches = switch_error(th)
+            scored.append((run(th, held_x, held_ref) + switches, switches, e, th))
+        held_error, switches, fit_error, theta = min(scored, key=lambda r: r[0])
+        start_held, start_switches = scored[0][:2]
     else:
         fit_error, theta = min(unique.values(), key=lambda r: r[0])
         held_error = start_held = float("nan")
+        switches = start_switches = 0.0
     return TunedGrid(
         _fractions_to_grid(theta, lam_T, lam_max, sde, pinned), float(fit_error), errors[0],
-        len(errors), nfe, float(held_error), float(start_held), name, params, denoise,
+        len(errors), nfe, float(held_error), float(start_held), switches, start_switches, name,
+        params, denoise,
     )  # fmt: skip
