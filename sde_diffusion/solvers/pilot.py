@@ -27,7 +27,8 @@ it bisects great-circle arcs x(theta) = a cos(theta) + b sin(theta) between pair
 draws (every x(theta) is itself a prior draw) to where the exact flow jumps, and times the
 angle by which a candidate's own jump misses, over the arc's quarter turn, by the squared jump:
 an estimate of what that candidate's switches add to its mean squared distance over all prior
-draws, which the pilot adds to the distance on its draws.
+draws, which the pilot adds to the distance on its draws. A tie (above) may not exceed the
+closest's switch error by more than the tie margin: the moments cannot see switches.
 
 The cost, `PilotChoice.evaluations` single-sample evaluations, is paid once per (score function,
 SDE, steps, sample shape, dtype, device): `sample()` keeps the choice for as long as the score

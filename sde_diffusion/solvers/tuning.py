@@ -141,11 +141,11 @@ def tune_grid(
         in `dtype`), or the draws x_T themselves; 256 draws tuned the oracle mixtures of 2 and
         16 dimensions as well as 1024.
     holdout: the share of the pilot (its last draws; at least one of two or more, none for 0)
-        held out of the search to decide where it stops. Draws whose flow switches modes can be
-        rarer than 1 in 100: on the 16-D oracle mixture at 20 evaluations, 64 held-out draws let
-        through a grid that fresh draws put 1.7x behind the start, and 1024 (a pilot of 1280,
-        holdout=0.8; the search's cost stays that of 256) stopped it, though over the whole
-        benchmark suites that setting was no better than 0.25 (README, "Tuned grids").
+        held out of the search to decide where it stops, with the switch error of each grid
+        checked (`pilot.Boundaries`, on 32 arcs; none for holdout=0). Draws whose flow
+        switches modes are rarer than 1 in 100: on the 16-D oracle mixture at 20 evaluations,
+        64 held-out draws alone let through a grid that fresh draws put 1.7x behind the start
+        (README, "Tuned grids").
     trials: grids tried (each costs `steps` + 1 evaluations on the searched draws).
     reference: the pilot's exact probability-flow samples, if known; by default dopri5 at
         tolerance `pilot.REFERENCE_TOL` from the same draws.
