@@ -103,7 +103,8 @@ def sample(
         prior draws of the same shape picks, from `pilot.CANDIDATES` (the third-order
         multistep integrator with each grid, end and prediction, with and without UniPC's
         corrector), the configuration closest to the score's exact probability-flow map at
-        NFE = steps, its mode switches included; the choice is remembered per score function (README, "The default").
+        NFE = steps, its mode switches included; the choice is remembered per score function
+        (README, "The default").
         pilot=0, a grid tensor, t_end, denoise or solver_params: `default_solver(sde, steps)`
         with DEFAULT_PARAMS (which solver_params override) and no Tweedie step: NFE = steps.
     steps / grid: `steps` intervals of the grid kind `grid` (default: the solver's own), or
