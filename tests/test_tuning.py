@@ -51,9 +51,10 @@ def test_bookkeeping_errors_are_the_grids_on_their_draws_and_nfe_adds_up():
     error / holdout_error the returned grid's, all recomputed independently through `sample`;
     the returned grid is no worse than the start on the held-out draws. Those held-out errors
     include the switch errors across the jumps of a narrower ring's flow, recomputed here on
-    the same arcs. NFE = the search for the jumps + (trials + 5 per grid checked on the held-out draws: the
-    start, the best after 10, 20 and 40 trials and the final one, at most; one run on the
-    held-out draws and 4 on the jumps) x (steps + 1) when the reference is given."""
+    the same arcs. NFE = the search for the jumps + (trials + 5 per grid checked on the
+    held-out draws: the start, the best after 10, 20 and 40 trials and the final one, at most;
+    one run on the held-out draws and 4 on the jumps) x (steps + 1) when the reference is
+    given."""
     sde = get_sde("vp")
     score = GaussianMixture.ring(k=8, radius=4.0, std=0.3).score_fn(sde)  # its flow jumps
     pilot = _draws(sde, 64, seed=2)
