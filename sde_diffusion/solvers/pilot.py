@@ -352,14 +352,14 @@ def choose(
         raise ValueError(f"no pilot candidate fits {steps} steps")
     size = batch or x_T.shape[0]
 
-    def batched(run: Callable[..., Tensor], x: Tensor, *args: object) -> Tensor:
+    def batched(run: Callable[..., Tensor], x: Tensor, **kwargs: object) -> Tensor:
         """run on chunks of `size` draws, the last padded to it when a batch size is given."""
         out = []
         for chunk in x.split(size):
             n = chunk.shape[0]
             if batch is not None and n < size:
                 chunk = torch.cat([chunk, chunk[-1:].expand(size - n, *chunk.shape[1:])])
-            out.append(run(counted, sde, chunk, *args)[:n])
+            out.append(run(counted, sde, chunk, **kwargs)[:n])
         return torch.cat(out)
 
     bar = tqdm(total=len(fitting) + 1 + (reference is None), desc="pilot", disable=not progress)
@@ -374,7 +374,7 @@ def choose(
         errors, moments, switches, moment_error = {}, {}, {}, MomentError(reference)
         for c in fitting:
             ts = c.grid_for(sde, steps)
-            run = functools.partial(_run_on, batched, c, ts)
+            run = functools.partial(batched, run_candidate, candidate=c, ts=ts)
             samples = run(x_T)
             switches[c] = boundaries.switch_error(run) if boundaries else 0.0
             errors[c] = flow_error(samples, reference) + switches[c]
@@ -390,10 +390,6 @@ def choose(
     ]
     best = min(ties, key=moments.__getitem__)
     return PilotChoice(best, errors, moments, checked.nfe, evaluations, switches, boundaries)
-
-
-def _run_on(batched: Callable[..., Tensor], c: Candidate, ts: Tensor, x: Tensor) -> Tensor:
-    return batched(run_candidate, x, c, ts)
 
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
