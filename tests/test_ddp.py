@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
@@ -21,9 +23,11 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
+    # GLOO_SOCKET_IFNAME: gloo binds to loopback instead of whatever the host name resolves to
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
-    )
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+        GLOO_SOCKET_IFNAME="lo",
+    )  # fmt: skip
     torch.set_num_threads(1)
     data = load_data(DataConfig(name="two_moons", n=600))
     cfg = TrainConfig(
@@ -54,10 +58,20 @@ def _rank_batches(tr):
     )
 
 
+DEADLINE_S = 240.0
+
+
 def test_two_gloo_processes_end_with_identical_weights(tmp_path):
-    # fork: the workers inherit the imported modules instead of importing torch again
+    # spawn, not fork: a fork copies the locks that the test process's other threads (torch's
+    # pool, tqdm's monitor) hold at that instant, and a worker that needs one waits forever
     args = (2, _free_port(), str(tmp_path))
-    mp.start_processes(_worker, args=args, nprocs=2, start_method="fork")
+    workers = mp.start_processes(_worker, args=args, nprocs=2, join=False, start_method="spawn")
+    start = time.monotonic()
+    while not workers.join(timeout=1.0):
+        if time.monotonic() - start > DEADLINE_S:
+            for p in workers.processes:
+                p.kill()
+            pytest.fail(f"the two DDP workers did not finish within {DEADLINE_S:.0f} s")
     r0, r1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
     assert not torch.equal(r0["first_batch"], r1["first_batch"])  # each rank saw its own shard
     assert not torch.equal(r0["losses"], r1["losses"])  # and its own noise
