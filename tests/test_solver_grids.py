@@ -103,3 +103,21 @@ def test_rho_shapes_the_edm_grid_towards_small_noise() -> None:
     sde = get_sde("ve")
     mids = [time_grid(sde, 10, "edm", rho=rho)[5].item() for rho in (1.0, 3.0, 7.0)]
     assert mids[0] > mids[1] > mids[2]
+
+
+@given(SDES, STEPS, st.floats(0.1, 2.0))
+@settings(max_examples=60, deadline=None)
+def test_final_time_makes_the_tweedie_jump_a_share_of_an_equal_step(sde, steps, share) -> None:
+    """final_time(sde, steps, share): the jump t_end -> 0 is `share` of the equal step of
+    [t_end, T] (share 1: the trailing timesteps, T / (steps + 1)), or t_end = t_min if that is
+    later."""
+    from sde_diffusion.solvers.grids import final_time
+
+    t_end = final_time(sde, steps, share)
+    if t_end > sde.t_min:
+        assert t_end == pytest.approx(share * (sde.T - t_end) / steps, rel=1e-12)
+    else:
+        assert t_end == sde.t_min and share * (sde.T - sde.t_min) / steps <= sde.t_min * (1 + 1e-12)
+    assert final_time(sde, steps) == final_time(sde, steps, 0.5)
+    with pytest.raises(ValueError, match="share"):
+        final_time(sde, steps, 0.0)

@@ -90,21 +90,22 @@ def check_grid(ts: Tensor, sde: SDE, name: str = "ts") -> Tensor:
     return ts
 
 
-def final_time(sde: SDE, steps: int) -> float:
-    """Where a grid of `steps` intervals that ends with a Tweedie step should stop: T / (2 steps
-    + 1), or t_min when that is larger.
+def final_time(sde: SDE, steps: int, share: float = 0.5) -> float:
+    """Where a grid of `steps` intervals that ends with a Tweedie step should stop so that the
+    jump to t = 0 is `share` of an equal step of [t_end, T]: T / (steps / share + 1), or t_min
+    when that is larger. share = 0.5 (the default): T / (2 steps + 1); share = 1: T / (steps +
+    1), the "trailing" timesteps of Lin et al. 2024, which end a full step above 0.
 
     The Tweedie step x0 = E[x_0 | x_t] is a jump from t_end to 0 that costs an evaluation like
     any step. Ending at t_min spends it on a negligible interval and leaves the steps before it
-    to cover [t_min, T] alone; ending at T / (2 steps + 1) makes the jump half of an equal step
-    of [t_end, T] (the idea of the "trailing" timesteps of Lin et al. 2024, which end a full step
-    above 0). On Gaussian-ring oracles at 10 evaluations it cuts the distance to the exact flow
-    of DPM-Solver++, UniPC and Heun to 0.36-0.52 of what ending at t_min gives, leaves DDIM's
-    unchanged, and improves or keeps every stochastic sampler's sliced W2 (tests/
-    test_solvers_expint.py, benchmarks/steps_vs_quality.py). On VP (t_min = 1e-3) it is t_min
-    from 500 steps on.
+    to cover [t_min, T] alone. On Gaussian-ring oracles at 10 evaluations ending half a step
+    above 0 cuts the distance to the exact flow of DPM-Solver++, UniPC and Heun to 0.36-0.52 of
+    what ending at t_min gives, leaves DDIM's unchanged, and improves or keeps every stochastic
+    sampler's sliced W2 (tests/test_solvers_expint.py, benchmarks/steps_vs_quality.py). On VP
+    (t_min = 1e-3) it is t_min from 500 steps on.
     """
-    return max(float(sde.t_min), float(sde.T) / (2 * steps + 1))
+    check_positive(share, "share")
+    return max(float(sde.t_min), float(sde.T) / (steps / share + 1))
 
 
 def resolve_grid(

@@ -1,10 +1,10 @@
 """The default sampler's pilot: for one score function and budget, the configuration whose samples
 come closest to the exact probability-flow map on a batch of prior draws.
 
-At 5-20 evaluations a deterministic sampler's error is decided by four choices: the grid (where
+At 5-20 evaluations a deterministic sampler's error is decided by five choices: the grid (where
 the steps go in log-SNR), the end (stop at t_min, take the polynomial's own step to sigma = 0, or
-a Tweedie jump from half a step above 0), the interpolated output (x0 or eps) and whether UniPC's
-corrector runs. Which combination is best depends on the data, not on the schedule alone: on the
+a Tweedie jump from half or a full step above 0), the interpolated output (x0 or eps), the order
+of the polynomial (2 or 3) and whether UniPC's corrector runs. Which combination is best depends on the data, not on the schedule alone: on the
 problem suite of benchmarks/steps_vs_quality.py no single one comes within 1.5x of the best peer
 setting on every problem at NFE 5-20, while the best of them beats it on almost all. The error
 that matters is the distance to the flow map x_T -> x_0 that every deterministic sampler
@@ -91,29 +91,32 @@ RECENT = 4
 #: angles (rad) from a jump at which a sampler's side is tested: 1e-4 to 0.073 in factors of 3
 LADDER = tuple(1e-4 * 3.0**k for k in range(7))
 #: how a candidate's samples end: "t_min" (the grid's end), "zero" (the eps polynomial's own
-#: step to sigma = 0, no evaluation), "tweedie" (one step fewer, then x0 = E[x_0 | x_t] from
-#: `grids.final_time`)
-ENDS = ("t_min", "zero", "tweedie")
+#: step to sigma = 0, no evaluation), "tweedie" and "trailing" (one step fewer, then
+#: x0 = E[x_0 | x_t] from `grids.final_time`: a jump of half an equal step, or of a full one)
+ENDS = ("t_min", "zero", "tweedie", "trailing")
+#: the share of an equal step that the Tweedie jump of each Tweedie end makes
+JUMP_SHARE = {"tweedie": 0.5, "trailing": 1.0}
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One configuration of the third-order multistep exponential integrator (`expint`)."""
+    """One configuration of the multistep exponential integrator (`expint`)."""
 
     solver: str  # "dpm_solver" (predictor) or "unipc" (with the UniC corrector)
     prediction: str  # "noise" or "data": what the multistep polynomial interpolates
     grid: str  # a kind of `grids.GRIDS`
     end: str  # one of ENDS
+    order: int = 3  # of the predictor; UniC adds one
 
     @property
     def denoise(self) -> bool:
-        return self.end == "tweedie"
+        return self.end in JUMP_SHARE
 
     @property
     def params(self) -> dict[str, object]:
-        """The solver's parameters: order 3; x0 interpolation lowers the order over its last
-        steps below 15 (as DPM-Solver++ does for stability), eps interpolation keeps it."""
-        params: dict[str, object] = {"order": 3, "prediction": self.prediction}
+        """The solver's parameters: x0 interpolation lowers the order over its last steps below
+        15 (as DPM-Solver++ does for stability), eps interpolation keeps it."""
+        params: dict[str, object] = {"order": self.order, "prediction": self.prediction}
         params["lower_order_final"] = self.prediction == "data"
         if self.end == "zero":
             params["to_zero"] = True
@@ -126,20 +129,29 @@ class Candidate:
     def grid_for(self, sde: SDE, steps: int) -> Tensor:
         """Its grid for `steps` evaluations: the Tweedie step is one of them."""
         if self.denoise:
-            return time_grid(sde, steps - 1, self.grid, t_end=final_time(sde, steps - 1))
+            t_end = final_time(sde, steps - 1, JUMP_SHARE[self.end])
+            return time_grid(sde, steps - 1, self.grid, t_end=t_end)
         return time_grid(sde, steps, self.grid)
 
     @property
     def label(self) -> str:
-        return f"{self.solver} ({self.prediction}, {self.grid} grid, end {self.end})"
+        name = f"{self.solver} order {self.order}"
+        return f"{name} ({self.prediction}, {self.grid} grid, end {self.end})"
 
 
-#: the family the pilot chooses from: predictor or predictor-corrector, on each grid kind, either
-#: interpolating eps to t_min (with or without the step to sigma = 0) or x0 with a Tweedie end
+#: the family the pilot chooses from: predictor or predictor-corrector of order 2 or 3, on each
+#: grid kind, either interpolating eps to t_min (with or without the step to sigma = 0) or x0
+#: with a Tweedie jump of half or a full step
 CANDIDATES = tuple(
-    Candidate(solver, prediction, grid, end)
+    Candidate(solver, prediction, grid, end, order)
     for solver in ("dpm_solver", "unipc")
-    for prediction, end in (("noise", "t_min"), ("noise", "zero"), ("data", "tweedie"))
+    for order in (2, 3)
+    for prediction, end in (
+        ("noise", "t_min"),
+        ("noise", "zero"),
+        ("data", "tweedie"),
+        ("data", "trailing"),
+    )
     for grid in GRIDS
 )
 

@@ -100,8 +100,8 @@ def sample(
     shape_or_x_T: the batch shape (x_T is drawn from the SDE's prior) or x_T itself.
     solver: a registered name (see SOLVERS) or a SolverSpec; solver_params go to it by name.
         None: the default. With `steps` (and optionally a grid kind) only, a pilot on `pilot`
-        prior draws of the same shape picks, from `pilot.CANDIDATES` (the third-order
-        multistep integrator with each grid, end and prediction, with and without UniPC's
+        prior draws of the same shape picks, from `pilot.CANDIDATES` (the multistep
+        integrator of order 2 or 3 with each grid, end and prediction, with and without UniPC's
         corrector), the configuration closest to the score's exact probability-flow map at
         NFE = steps, its mode switches included; the choice is remembered per score function
         (README, "The default").
