@@ -97,7 +97,8 @@ def test_default_on_a_scale_mixture_against_its_exact_flow(scale_mixture, nfe, b
 
 
 def _diffusers_unipc(score_fn, sde: DiscreteVPSDE, x_T: torch.Tensor, steps: int, **config):
-    """diffusers' UniPC on the SDE's betas, eps from score_fn; timestep k is our t = (k + 1) T / N."""
+    """diffusers' UniPC on the SDE's betas with eps from score_fn; its timestep k is our
+    t = (k + 1) T / N."""
     n = sde.betas.numel()
     sched = UniPCMultistepScheduler(
         num_train_timesteps=n, trained_betas=sde.betas.numpy(), prediction_type="epsilon", **config

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from sde_diffusion import SDE, DiscreteVPSDE, get_sde
 from sde_diffusion.solvers import GRIDS, time_grid
+from sde_diffusion.solvers.grids import final_time
 
 F64 = torch.float64
 
@@ -111,8 +112,6 @@ def test_final_time_makes_the_tweedie_jump_a_share_of_an_equal_step(sde, steps, 
     """final_time(sde, steps, share): the jump t_end -> 0 is `share` of the equal step of
     [t_end, T] (share 1: the trailing timesteps, T / (steps + 1)), or t_end = t_min if that is
     later."""
-    from sde_diffusion.solvers.grids import final_time
-
     t_end = final_time(sde, steps, share)
     if t_end > sde.t_min:
         assert t_end == pytest.approx(share * (sde.T - t_end) / steps, rel=1e-12)

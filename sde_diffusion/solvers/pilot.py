@@ -4,9 +4,10 @@ come closest to the exact probability-flow map on a batch of prior draws.
 At 5-20 evaluations a deterministic sampler's error is decided by five choices: the grid (where
 the steps go in log-SNR), the end (stop at t_min, take the polynomial's own step to sigma = 0, or
 a Tweedie jump from half or a full step above 0), the interpolated output (x0 or eps), the order
-of the polynomial (2 or 3) and whether UniPC's corrector runs. Which combination is best depends on the data, not on the schedule alone: on the
-problem suite of benchmarks/steps_vs_quality.py no single one comes within 1.5x of the best peer
-setting on every problem at NFE 5-20, while the best of them beats it on almost all. The error
+of the polynomial (2 or 3) and whether UniPC's corrector runs. Which combination is best depends
+on the data, not on the schedule alone: on the problem suite of benchmarks/steps_vs_quality.py no
+single one comes within 1.5x of the best peer setting on every problem at NFE 5-20, while the
+best of them beats it on almost all. The error
 that matters is the distance to the flow map x_T -> x_0 that every deterministic sampler
 approximates, and it can be measured: solve the flow accurately (adaptive dopri5) from a few
 hundred prior draws once, run every candidate from the same draws, keep the closest in mean

@@ -116,9 +116,9 @@ def sample(
         default: True for a named solver, False for the default configuration.
     generator / seeds: noise from one generator for the batch, or per-sample seeds so that each
         sample's trajectory depends on its own seed only (not both).
-    return_info: return a SampleResult with the NFE (counted, never computed; a pilot's
-        cost, in single-sample evaluations, is its `pilot_evaluations`), the grid and, with return_trajectory, the state after
-        every step.
+    return_info: return a SampleResult with the NFE (counted, never computed; a pilot's cost,
+        in single-sample evaluations, is its `pilot_evaluations`), the grid and, with
+        return_trajectory, the state after every step.
     """
     check_callable(score_fn, "score_fn")
     check_sde(sde)
