@@ -20,7 +20,13 @@ import types
 import diffusers.schedulers.scheduling_dpmsolver_multistep as dpm_module
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
+    UNet2DModel,
+)
 
 from sde_diffusion import DiscreteVPSDE, model_score_fn, sde_from_scheduler_config
 from sde_diffusion.solvers import sample
@@ -143,6 +149,26 @@ def test_dpm_solver_2m_matches_diffusers(dpm_float64, steps):
     s = _dpm_scheduler(steps, order=2)
     x = _diffusers_loop(s, _x_T())
     res = _ours(s, _x_T(), "dpm_solver", order=2, lower_order_final=False, return_info=True)
+    assert res.nfe == steps
+    assert (res.samples - x).abs().max() <= TOL
+
+
+# diffusers' DEIS takes np.log of 0-d tensors
+@pytest.mark.filterwarnings("ignore:__array_wrap__:DeprecationWarning")
+@pytest.mark.parametrize(("order", "steps"), [(2, 10), (3, 10), (3, 25)])
+def test_deis_is_our_multistep_on_eps(order, steps):
+    """DEIS (Zhang & Chen 2023) integrates the Lagrange polynomial of eps in log(sigma / alpha)
+    against d(sigma / alpha); with rho = e^{-lambda} that is our exponential integrator with
+    prediction="noise", step for step (trailing timesteps, down to the first training step; both
+    lower the order over the last two steps below 15, so 25 steps run at full order)."""
+    s = _scheduler(DEISMultistepScheduler, solver_order=order, timestep_spacing="trailing")
+    s.set_timesteps(steps)
+    sig = ((1 - s.alphas_cumprod) / s.alphas_cumprod).sqrt()
+    s.sigmas = torch.cat([sig[s.timesteps], sig[:1]])  # float64, to the first training step
+    x = _diffusers_loop(s, _x_T())
+    grid = _t_of(torch.cat([s.timesteps, s.timesteps.new_zeros(1)]))
+    res = sample(_score, SDE, _x_T(), "dpm_solver", grid=grid, order=order, prediction="noise",
+                 denoise=False, return_info=True)  # fmt: skip
     assert res.nfe == steps
     assert (res.samples - x).abs().max() <= TOL
 
