@@ -6,21 +6,24 @@ the data: on two oracle mixtures a grid quadratic in t halved the 10-step error 
 and UniPC against uniform log-SNR steps in 2-D and doubled it in 16-D
 (benchmarks/steps_vs_quality_ablation.md, the benchmark before issue 11), and on the suite of
 benchmarks/steps_vs_quality.py the best peer grid changes with the problem. `tune_grid`
-therefore measures instead of guessing, in the spirit of the learned and optimised schedules of Watson et al. (2021), Sabour
-et al. ("Align Your Steps", 2024) and Xue et al. (2024): on a pilot batch of prior draws it
-solves the probability-flow ODE accurately once (adaptive dopri5), then moves the grid's
-log-SNRs to minimise the mean squared distance between the solver's samples and those exact
-flow samples, by Nelder-Mead over a parametrisation that keeps every grid valid. The cost is
-paid once per (score function, SDE, solver, steps); the grid then serves any number of samples,
-from x_T drawn independently of the pilot.
+therefore measures instead of guessing, in the spirit of the learned and optimised schedules
+of Watson et al. (2021), Sabour et al. ("Align Your Steps", 2024) and Xue et al. (2024): on a
+pilot batch of prior draws it solves the probability-flow ODE accurately once (adaptive
+dopri5), then moves the grid's log-SNRs to minimise the mean squared distance between the
+solver's samples and those exact flow samples, by Nelder-Mead over a parametrisation that keeps
+every grid valid. The cost is paid once per (score function, SDE, solver, steps); the grid then
+serves any number of samples, from x_T drawn independently of the pilot.
 
 On multimodal targets that distance is carried by the few draws whose flow ends near a boundary
-between modes, so a search on them alone can fit those draws and lose elsewhere. A share of the
-pilot (a quarter by default) is therefore held out of the search, and of the start grid and the
-best grid found after 10, 20, 40, ... trials, the one closest to the flow on those held-out
-draws, plus its switch error across the flow's jumps (`pilot.Boundaries`: draws that switch
-modes are rarer than a held-out quarter of 256 shows), is returned: early stopping, which
-never returns a grid that those measures rank below the start (README, "Tuned grids").
+between modes: rarer than 1 in 100, so a few hundred draws show none or one, and a search on
+them alone fits those draws and loses elsewhere. Both the search and its stopping therefore add
+each grid's switch error across the flow's jumps (`pilot.Boundaries`, the pilot's estimate of
+what switches add to the mean squared distance over all prior draws) to its distance on the
+draws: the search minimises the quantity the pilot chose by. A share of the pilot (a quarter by
+default) is held out of the search, and of the start grid and the best grid found after 10,
+20, 40, ... trials, the one closest to the flow on those held-out draws, plus its switch error,
+is returned: early stopping, which never returns a grid that those measures rank below the
+start (README, "Tuned grids").
 """
 
 from __future__ import annotations
@@ -39,7 +42,15 @@ from .._tensor import check_callable, check_int
 from ..sde import SDE, ScoreFn, check_sde
 from ._registry import SOLVERS, CheckedScore, generator_noise, get_solver
 from .grids import resolve_grid
-from .pilot import BOUNDARY_ARCS, Boundaries, choose, exact_flow, flow_error
+from .pilot import (
+    BOUNDARY_ARCS,
+    CANDIDATES,
+    PILOT_DRAWS,
+    Boundaries,
+    cached_choice,
+    exact_flow,
+    flow_error,
+)
 from .sampling import initial_state, sample
 
 #: the first simplex around a pinned start: each log step ratio moved by this much
@@ -67,13 +78,15 @@ class TunedGrid:
     """What `tune_grid` returns: the grid (float64, T first) and what tuning found and cost.
 
     error / initial_error: mean squared distance per sample between the solver's samples and
-    the exact flow on the draws the search saw, on the returned grid and on the start grid;
-    holdout_error / initial_holdout_error: the same on the held-out draws plus the switch error
-    (`pilot.Boundaries.switch_error`), which chose the returned grid among the search's
-    snapshots (module docstring); switch_error / initial_switch_error: that switch error alone
-    (0 where the flow has no jump on the pilot's arcs). trials: grids tried by the
-    search. nfe: every score evaluation spent, the reference flow's included. solver / params /
-    denoise: what the grid was tuned for (for solver=None, the pilot's choice); `kwargs` passes
+    the exact flow on the draws the search saw plus the switch error
+    (`pilot.Boundaries.switch_error`), which the search minimised, on the returned grid and on
+    the start grid; holdout_error / initial_holdout_error: the same on the held-out draws,
+    which chose the returned grid among the search's snapshots (module docstring);
+    switch_error / initial_switch_error: that switch error alone (0 where the flow has no jump
+    on the pilot's arcs, or nothing is held out). trials: grids tried by the search. nfe: every
+    score evaluation this call spent, the reference flow's included (and for solver=None the
+    pilot's, unless `sample` already paid it for this score function). solver / params /
+    denoise: what the grid was tuned for (for solver=None, `sample`'s choice); `kwargs` passes
     all of it to `sample`.
     """
 
@@ -133,24 +146,27 @@ def tune_grid(
     (or everything, `sample(..., **fit.kwargs)`).
 
     solver: a registered name (its samples end with the Tweedie step, as `sample`'s for a named
-        solver), or None for `sample`'s default: the pilot (`pilot.choose`, on this pilot batch)
-        picks the configuration at NFE = steps and the tuning moves its grid's inner points
-        (a grid that ends at t_min keeps that end; one that ends in a Tweedie step tunes it).
+        solver), or None for `sample`'s default: the configuration `sample(score_fn, sde, x,
+        steps=steps)` runs (its own pilot's choice, on its own draws, remembered for
+        score_fn), so that the tuned grid can only improve on what the default does; the
+        tuning moves its grid's inner points (a grid that ends at t_min keeps that end; one
+        that ends in a Tweedie step tunes it).
 
     pilot: the shape of the batch of prior draws to tune on (drawn with `generator` on `device`
         in `dtype`), or the draws x_T themselves; 256 draws tuned the oracle mixtures of 2 and
         16 dimensions as well as 1024.
     holdout: the share of the pilot (its last draws; at least one of two or more, none for 0)
-        held out of the search to decide where it stops, with the switch error of each grid
-        checked (`pilot.Boundaries`, on 32 arcs; none for holdout=0). Draws whose flow
+        held out of the search to decide where it stops; with it, every grid's switch error
+        counts (`pilot.Boundaries`, on 32 arcs; none for holdout=0). Draws whose flow
         switches modes are rarer than 1 in 100: on the 16-D oracle mixture at 20 evaluations,
         64 held-out draws alone let through a grid that fresh draws put 1.7x behind the start
         (README, "Tuned grids").
-    trials: grids tried (each costs `steps` + 1 evaluations on the searched draws).
+    trials: grids tried (each costs `steps` + 1 evaluations on the searched draws, and 4 runs
+        on the arcs' jumps where the flow has any).
     reference: the pilot's exact probability-flow samples, if known; by default dopri5 at
         tolerance `pilot.REFERENCE_TOL` from the same draws.
     The search starts from the solver's default grid (ending at `grids.final_time`), or the
-    pilot's choice; the grid returned is never worse than it on the held-out draws. Only
+    default's; the grid returned is never worse than it on the held-out draws. Only
     deterministic solvers that step on the grid can be tuned (`tunable_solvers()`): a stochastic
     one has no flow to be brought close to.
     """
@@ -178,10 +194,10 @@ def tune_grid(
         )
     n = x_T.shape[0]
     kept = n - (max(1, int(holdout * n)) if n > 1 and holdout > 0 else 0)
-    if solver is None:
-        choice = choose(score_fn, sde, steps, x_T, reference, arcs=BOUNDARY_ARCS * (kept < n))
-        nfe += choice.nfe
-        chosen, boundaries = choice.candidate, choice.boundaries
+    if solver is None:  # sample()'s own choice: its pilot draws, remembered for score_fn
+        choice, fresh = cached_choice(score_fn, sde, steps, x_T, PILOT_DRAWS, CANDIDATES, progress)
+        nfe += choice.nfe if fresh else 0
+        chosen, boundaries = choice.candidate, choice.boundaries if kept < n else None
         name, params, denoise = chosen.solver, {**chosen.params, **solver_params}, chosen.denoise
         start = chosen.grid_for(sde, steps)
     else:
@@ -226,7 +242,7 @@ def tune_grid(
     def error(theta: np.ndarray) -> float:
         nonlocal leader
         bar.update(1)
-        errors.append(run(theta, fit_x, fit_ref))
+        errors.append(run(theta, fit_x, fit_ref) + switch_error(theta))
         if errors[-1] < leader[0]:
             leader = (errors[-1], np.array(theta))
         if len(errors) in marks:
