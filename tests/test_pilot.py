@@ -19,6 +19,7 @@ from sde_diffusion.solvers.pilot import (
     Boundaries,
     MomentError,
     choose,
+    decide,
     exact_flow,
     pilot_draws,
     run_candidate,
@@ -197,3 +198,23 @@ def test_moment_error_is_the_gaussian_kl_of_a_scaling_in_the_leading_directions(
     expected = k / 2 * (c**2 - 1 - math.log(c**2))
     assert MomentError(ref)(c * ref) == pytest.approx(expected, rel=1e-6)
     assert MomentError(ref)(ref * float("nan")) == math.inf
+
+
+def test_the_rule_sends_ties_to_the_moments_unless_they_switch_more():
+    """`decide`, the rule of the pilot and of tune_grid's stop: the smallest error wins unless
+    another lies within TIE of it with better moments and a switch error at most the tie margin
+    (a quarter of the smallest error) above the closest's; the moments are asked of ties only,
+    and not at all when the closest has none."""
+    asked: list[str] = []
+
+    def moments(key: str) -> float:
+        asked.append(key)
+        return {"a": 3.0, "b": 1.0, "c": 0.5, "d": 0.1}[key]
+
+    errors = {"a": 1.0, "b": 1.2, "c": 1.24, "d": 2.0}
+    assert decide(errors, dict.fromkeys(errors, 0.0), moments) == "c"
+    assert sorted(asked) == ["a", "b", "c"]
+    switches = {"a": 0.1, "b": 0.3, "c": 0.36, "d": 0.0}  # c's lies 0.26 above a's: over 0.25
+    assert decide(errors, switches, moments) == "b"
+    asked.clear()
+    assert decide({"a": 1.0, "b": 1.26}, {"a": 0.0, "b": 0.0}, moments) == "a" and not asked

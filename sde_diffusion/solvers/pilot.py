@@ -43,6 +43,7 @@ import math
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -64,10 +65,13 @@ __all__ = [
     "MomentError",
     "PilotChoice",
     "choose",
+    "decide",
     "exact_flow",
     "pilot_draws",
     "run_candidate",
 ]
+
+K = TypeVar("K")
 
 #: prior draws the default's pilot runs on
 PILOT_DRAWS = 256
@@ -392,16 +396,22 @@ def choose(
             errors[c] = flow_error(samples, reference) + switches[c]
             moments[c] = moment_error(samples)
             bar.update(1)
-    closest = min(fitting, key=errors.__getitem__)
-    # the moments cannot see switches: a tie's may not exceed the closest's by the tie margin
+    best = decide(errors, switches, moments.__getitem__)
+    return PilotChoice(best, errors, moments, checked.nfe, evaluations, switches, boundaries)
+
+
+def decide(errors: dict[K, float], switches: dict[K, float], moments: Callable[[K], float]) -> K:
+    """The key of the smallest error (distance plus switch error) or, among those within TIE of
+    it, the one of the smallest `moments` (asked of those only). The moments cannot see
+    switches: a tie's switch error may not exceed the closest's by the tie margin."""
+    closest = min(errors, key=errors.__getitem__)
     margin = (TIE - 1) * errors[closest]
     ties = [
-        c
-        for c in fitting
-        if errors[c] <= errors[closest] + margin and switches[c] <= switches[closest] + margin
+        k
+        for k in errors
+        if errors[k] <= errors[closest] + margin and switches[k] <= switches[closest] + margin
     ]
-    best = min(ties, key=moments.__getitem__)
-    return PilotChoice(best, errors, moments, checked.nfe, evaluations, switches, boundaries)
+    return ties[0] if len(ties) == 1 else min(ties, key=moments)
 
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -21,9 +21,11 @@ each grid's switch error across the flow's jumps (`pilot.Boundaries`, the pilot'
 what switches add to the mean squared distance over all prior draws) to its distance on the
 draws: the search minimises the quantity the pilot chose by. A share of the pilot (a quarter by
 default) is held out of the search, and of the start grid and the best grid found after 10,
-20, 40, ... trials, the one closest to the flow on those held-out draws, plus its switch error,
-is returned: early stopping, which never returns a grid that those measures rank below the
-start (README, "Tuned grids").
+20, 40, ... trials the pilot's rule (`pilot.decide`) picks one: the closest to the flow on those
+held-out draws, plus its switch error, or among those within `pilot.TIE` of it the one whose
+samples of the whole pilot match the flow's mean and covariance best, of those no further from
+it than the start. Early stopping, which never returns a grid that those measures rank below
+the start (README, "Tuned grids").
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ from .pilot import (
     CANDIDATES,
     PILOT_DRAWS,
     Boundaries,
+    MomentError,
     cached_choice,
+    decide,
     exact_flow,
     flow_error,
 )
@@ -81,7 +85,8 @@ class TunedGrid:
     the exact flow on the draws the search saw plus the switch error
     (`pilot.Boundaries.switch_error`), which the search minimised, on the returned grid and on
     the start grid; holdout_error / initial_holdout_error: the same on the held-out draws,
-    which chose the returned grid among the search's snapshots (module docstring);
+    by which (ties to the moments) the returned grid was chosen among the search's snapshots
+    (module docstring);
     switch_error / initial_switch_error: that switch error alone (0 where the flow has no jump
     on the pilot's arcs, or nothing is held out). trials: grids tried by the search. nfe: every
     score evaluation this call spent, the reference flow's included (and for solver=None the
@@ -258,13 +263,17 @@ def tune_grid(
     unique: dict[tuple, tuple[float, np.ndarray]] = {}
     for e, th in snapshots:  # in order: the start first
         unique.setdefault(tuple(th), (e, th))
-    if kept < n:  # the snapshot closest on the held-out draws and the jumps; ties keep the earlier
-        scored = []
-        for e, th in unique.values():
-            switches = switch_error(th)
-            scored.append((run(th, held_x, held_ref) + switches, switches, e, th))
-        held_error, switches, fit_error, theta = min(scored, key=lambda r: r[0])
-        start_held, start_switches = scored[0][:2]
+    if kept < n:  # the pilot's rule on the held-out draws and the jumps; ties keep the earlier
+        grids = list(unique.values())
+        held, jumps = {}, {}
+        for i, (_, th) in enumerate(grids):
+            jumps[i] = switch_error(th)
+            held[i] = run(th, held_x, held_ref) + jumps[i]
+        moment_error = MomentError(reference)
+        no_worse = {i: e for i, e in held.items() if e <= held[0]}  # than the start
+        i = decide(no_worse, jumps, lambda i: moment_error(samples(grids[i][1], x_T)))
+        (fit_error, theta), held_error, switches = grids[i], held[i], jumps[i]
+        start_held, start_switches = held[0], jumps[0]
     else:
         fit_error, theta = min(unique.values(), key=lambda r: r[0])
         held_error = start_held = float("nan")
