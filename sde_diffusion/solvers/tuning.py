@@ -84,15 +84,14 @@ class TunedGrid:
     error / initial_error: mean squared distance per sample between the solver's samples and
     the exact flow on the draws the search saw plus the switch error
     (`pilot.Boundaries.switch_error`), which the search minimised, on the returned grid and on
-    the start grid; holdout_error / initial_holdout_error: the same on the held-out draws,
-    by which (ties to the moments) the returned grid was chosen among the search's snapshots
-    (module docstring);
-    switch_error / initial_switch_error: that switch error alone (0 where the flow has no jump
-    on the pilot's arcs, or nothing is held out). trials: grids tried by the search. nfe: every
-    score evaluation this call spent, the reference flow's included (and for solver=None the
-    pilot's, unless `sample` already paid it for this score function). solver / params /
-    denoise: what the grid was tuned for (for solver=None, `sample`'s choice); `kwargs` passes
-    all of it to `sample`.
+    the start grid; holdout_error / initial_holdout_error: the same on the held-out draws, by
+    which (ties to the moments) the returned grid was chosen among the search's snapshots
+    (module docstring); switch_error / initial_switch_error: that switch error alone (0 where
+    the flow has no jump on the pilot's arcs, or nothing is held out). trials: grids tried by
+    the search. nfe: every score evaluation this call spent, the reference flow's included
+    (and for solver=None the pilot's, unless `sample` already paid it for this score function).
+    solver / params / denoise: what the grid was tuned for (for solver=None, `sample`'s
+    choice); `kwargs` passes all of it to `sample`.
     """
 
     ts: Tensor
