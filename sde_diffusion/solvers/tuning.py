@@ -240,8 +240,14 @@ def tune_grid(
     def run(theta: np.ndarray, x: Tensor, ref: Tensor) -> float:
         return flow_error(samples(theta, x), ref)
 
+    switch_errors: dict[tuple, float] = {}  # of every grid tried: the stop reuses them
+
     def switch_error(theta: np.ndarray) -> float:
-        return boundaries.switch_error(lambda x: samples(theta, x)) if boundaries else 0.0
+        key = tuple(theta)
+        if key not in switch_errors:
+            run_on = functools.partial(samples, theta)
+            switch_errors[key] = boundaries.switch_error(run_on) if boundaries else 0.0
+        return switch_errors[key]
 
     def error(theta: np.ndarray) -> float:
         nonlocal leader
