@@ -19,7 +19,8 @@ between modes: rarer than 1 in 100, so a few hundred draws show none or one, and
 them alone fits those draws and loses elsewhere. Both the search and its stopping therefore add
 each grid's switch error across the flow's jumps (`pilot.Boundaries`, the pilot's estimate of
 what switches add to the mean squared distance over all prior draws) to its distance on the
-draws: the search minimises the quantity the pilot chose by. A share of the pilot (a quarter by
+draws (its distance, like the pilot's, without the `pilot.TRIM` farthest draws, whose switches
+are the arcs' to count): the search minimises the quantity the pilot chose by. A share of the pilot (a quarter by
 default) is held out of the search, and of the start grid and the best grid found after 10,
 20, 40, ... trials the pilot's rule (`pilot.decide`) picks one: the closest to the flow on those
 held-out draws, plus its switch error, or among those within `pilot.TIE` of it the one whose
@@ -48,6 +49,7 @@ from .pilot import (
     BOUNDARY_ARCS,
     CANDIDATES,
     PILOT_DRAWS,
+    TRIM,
     Boundaries,
     MomentError,
     cached_choice,
@@ -82,7 +84,8 @@ class TunedGrid:
     """What `tune_grid` returns: the grid (float64, T first) and what tuning found and cost.
 
     error / initial_error: mean squared distance per sample between the solver's samples and
-    the exact flow on the draws the search saw plus the switch error
+    the exact flow on the draws the search saw (without the `pilot.TRIM` farthest where the
+    flow jumps) plus the switch error
     (`pilot.Boundaries.switch_error`), which the search minimised, on the returned grid and on
     the start grid; holdout_error / initial_holdout_error: the same on the held-out draws, by
     which (ties to the moments) the returned grid was chosen among the search's snapshots
@@ -238,7 +241,7 @@ def tune_grid(
         return res.samples
 
     def run(theta: np.ndarray, x: Tensor, ref: Tensor) -> float:
-        return flow_error(samples(theta, x), ref)
+        return flow_error(samples(theta, x), ref, TRIM if boundaries else 0)
 
     switch_errors: dict[tuple, float] = {}  # of every grid tried: the stop reuses them
 
