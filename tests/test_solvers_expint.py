@@ -202,6 +202,9 @@ def test_ddpm_rejects_non_vp_sdes(name):
         ("ddim", {"eta": -0.1}, r"eta must lie in \[0, 1\]"),
         ("dpm_solver", {"order": 4}, r"order must be one of \(1, 2, 3\)"),
         ("dpm_solver", {"method": "adaptive"}, "multistep, singlestep"),
+        ("dpm_solver", {"to_zero": True}, "to_zero needs prediction='noise'"),
+        ("unipc", {"prediction": "noise", "to_zero": True, "final_jump": True}, "pass one"),
+        ("dpm_solver", {"method": "singlestep", "final_jump": True}, "without to_zero or final"),
     ],
 )
 def test_bad_parameters(solver, params, match):

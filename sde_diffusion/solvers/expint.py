@@ -193,13 +193,16 @@ def _multistep(
     prediction: str,
     to_zero: bool,
     callback: Callback | None,
+    final_jump: bool = False,
 ) -> Tensor:
     """The multistep loop shared by DPM-Solver++ (predictor only) and UniPC (with corrector).
 
     Step i evaluates the model output m (x0, or eps with prediction="noise") at (x_i, t_i) and
     predicts x_{i+1} from the last k of them, with
     k = min(order, i + 1) (warm-up) and, under `lower_order_final` on grids of fewer than 15
-    steps, k <= steps left. With `corrector`, that same evaluation first corrects x_i: the step
+    steps, k <= steps left; with `final_jump` a first-order jump to sigma = 0 follows the grid
+    (the Tweedie step of `sample(denoise=True)`, DPM-Solver++'s step to lambda = inf) and counts
+    as the last step, as in diffusers' final_sigmas_type="zero". With `corrector`, that same evaluation first corrects x_i: the step
     from t_{i-1} is redone through the polynomial that also passes through the new x0 (one more
     node, one more order, no extra evaluation), while the uncorrected output stays in the history.
     With `to_zero` (noise prediction), a last step from the grid's end to sigma = 0 that evaluates
@@ -233,8 +236,8 @@ def _multistep(
             x = adams(x_prev, [*history[-k:], m], i - k, i - 1)
         history = [*history, m][-order:]
         k = min(order, i + 1)
-        if lower_order_final and n < LOWER_ORDER_FINAL_BELOW:
-            k = min(k, n - i)
+        if lower_order_final and n + final_jump < LOWER_ORDER_FINAL_BELOW:
+            k = min(k, n - i + final_jump)
         x_prev = x
         if k > 2 or prediction == "noise":
             x = adams(x, history[-k:], i - k + 1, i)
@@ -265,6 +268,7 @@ def dpm_solver_pp(
     lower_order_final: bool = True,
     prediction: str = "data",
     to_zero: bool = False,
+    final_jump: bool = False,
     callback: Callback | None = None,
 ) -> Tensor:
     """DPM-Solver++ with data prediction over the grid ts (default: uniform in log-SNR).
@@ -273,7 +277,9 @@ def dpm_solver_pp(
     score evaluation per step, reusing the x0 predictions of the previous `order - 1` grid
     points; the first steps warm up with orders 1, 2, ... With `lower_order_final`, grids of
     fewer than 15 steps finish with lower orders, min(order, steps left), which stabilises very
-    few steps (diffusers' threshold; the reference implementation uses 10). 3M weighs its second
+    few steps (diffusers' threshold; the reference implementation uses 10); `final_jump` says
+    that a first-order jump to sigma = 0 follows (`sample`'s Tweedie step) and counts it as the
+    last of them, so the grid's own last step keeps order 2 instead of falling to DDIM. 3M weighs its second
     divided difference by the Taylor coefficient (see `_interpolant_step`), so it is third order
     where the reference's and diffusers' 3M are second order.
     method="singlestep" (2S, 3S): `order` evaluations per step at intermediate log-SNRs.
@@ -285,13 +291,16 @@ def dpm_solver_pp(
     _check_order(order)
     check_choice("prediction", prediction, PREDICTIONS)
     check_choice("method", method, METHODS)
-    _check_to_zero(to_zero, prediction)
-    if method == "singlestep" and (prediction != "data" or to_zero):
-        raise ValueError("method='singlestep' takes data prediction only, without to_zero")
+    _check_ends(to_zero, final_jump, prediction)
+    if method == "singlestep" and (prediction != "data" or to_zero or final_jump):
+        raise ValueError(
+            "method='singlestep' takes data prediction only, without to_zero or final_jump"
+        )
     if method == "multistep":
         return _multistep(
-            score_fn, sde, x, ts, order, lower_order_final, False, prediction, to_zero, callback
-        )
+            score_fn, sde, x, ts, order, lower_order_final, False, prediction, to_zero, callback,
+            final_jump,
+        )  # fmt: skip
     for i, (t_prev, t) in steps(ts):
         x = _singlestep_update(score_fn, sde, x, t_prev, t, order)
         if callback is not None:
@@ -310,6 +319,7 @@ def unipc(
     lower_order_final: bool = True,
     prediction: str = "data",
     to_zero: bool = False,
+    final_jump: bool = False,
     callback: Callback | None = None,
 ) -> Tensor:
     """UniPC (Zhao et al. 2023, "UniPC: A unified predictor-corrector framework for fast sampling
@@ -324,20 +334,26 @@ def unipc(
     (diffusers fixes a = 1/2 at order 1 instead, equal to leading order). order=3 (the paper's
     choice for unconditional sampling) measured best at 10-20 evaluations on the oracle
     mixtures of benchmarks/steps_vs_quality.py; order 2 suits guided sampling. NFE: steps.
+    lower_order_final and final_jump as in `dpm_solver_pp`: with both, on diffusers' timesteps
+    and followed by `sample(denoise=True)`, this is diffusers' UniPCMultistepScheduler at fewer
+    than 15 steps (tests/test_few_step_defaults.py).
     """
     _check_order(order)
     check_choice("prediction", prediction, PREDICTIONS)
-    _check_to_zero(to_zero, prediction)
+    _check_ends(to_zero, final_jump, prediction)
     return _multistep(
-        score_fn, sde, x, ts, order, lower_order_final, True, prediction, to_zero, callback
-    )
+        score_fn, sde, x, ts, order, lower_order_final, True, prediction, to_zero, callback,
+        final_jump,
+    )  # fmt: skip
 
 
-def _check_to_zero(to_zero: bool, prediction: str) -> None:
+def _check_ends(to_zero: bool, final_jump: bool, prediction: str) -> None:
     # with x0 predictions the step to sigma = 0 would return the extrapolated x0 itself, its
     # error no longer damped by sigma at the grid's end
     if to_zero and prediction != "noise":
         raise ValueError("to_zero needs prediction='noise'")
+    if to_zero and final_jump:
+        raise ValueError("to_zero and final_jump both end the grid at sigma = 0: pass one")
 
 
 def _check_order(order: int) -> None:
