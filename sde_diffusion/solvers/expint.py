@@ -202,9 +202,10 @@ def _multistep(
     k = min(order, i + 1) (warm-up) and, under `lower_order_final` on grids of fewer than 15
     steps, k <= steps left; with `final_jump` a first-order jump to sigma = 0 follows the grid
     (the Tweedie step of `sample(denoise=True)`, DPM-Solver++'s step to lambda = inf) and counts
-    as the last step, as in diffusers' final_sigmas_type="zero". With `corrector`, that same evaluation first corrects x_i: the step
-    from t_{i-1} is redone through the polynomial that also passes through the new x0 (one more
-    node, one more order, no extra evaluation), while the uncorrected output stays in the history.
+    as the last step, as in diffusers' final_sigmas_type="zero". With `corrector`, that same
+    evaluation first corrects x_i: the step from t_{i-1} is redone through the polynomial that
+    also passes through the new x0 (one more node, one more order, no extra evaluation), while
+    the uncorrected output stays in the history.
     With `to_zero` (noise prediction), a last step from the grid's end to sigma = 0 that evaluates
     nothing: the first-order step x_0 = (x - sigma eps) / gamma with eps the last step's own
     polynomial extrapolated to the grid's end.
@@ -279,9 +280,9 @@ def dpm_solver_pp(
     fewer than 15 steps finish with lower orders, min(order, steps left), which stabilises very
     few steps (diffusers' threshold; the reference implementation uses 10); `final_jump` says
     that a first-order jump to sigma = 0 follows (`sample`'s Tweedie step) and counts it as the
-    last of them, so the grid's own last step keeps order 2 instead of falling to DDIM. 3M weighs its second
-    divided difference by the Taylor coefficient (see `_interpolant_step`), so it is third order
-    where the reference's and diffusers' 3M are second order.
+    last of them, so the grid's own last step keeps order 2 instead of falling to DDIM. 3M
+    weighs its second divided difference by the Taylor coefficient (see `_interpolant_step`), so
+    it is third order where the reference's and diffusers' 3M are second order.
     method="singlestep" (2S, 3S): `order` evaluations per step at intermediate log-SNRs.
     order=1 is DDIM (eta = 0) in either method. NFE: steps (multistep) or order * steps.
     On the grid of diffusers' timesteps with lower_order_final=False, followed by

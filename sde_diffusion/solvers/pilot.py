@@ -263,9 +263,9 @@ class PilotChoice:
     """What `choose` returns: the chosen candidate, every candidate's error (mean
     squared distance per pilot sample to the exact flow, without the TRIM farthest where the
     flow jumps, plus its switch error across the jumps `boundaries` found; inf where it
-    diverged), switch error (`Boundaries.switch_error`) and
-    moment error (`MomentError`), the score calls spent (nfe, on batches of draws) and the
-    single-sample evaluations they made (evaluations), the reference flow's included."""
+    diverged), switch error (`Boundaries.switch_error`) and moment error (`MomentError`), the
+    score calls spent (nfe, on batches of draws) and the single-sample evaluations they made
+    (evaluations), the reference flow's included."""
 
     candidate: Candidate
     errors: dict[Candidate, float]

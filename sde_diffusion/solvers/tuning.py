@@ -20,13 +20,13 @@ them alone fits those draws and loses elsewhere. Both the search and its stoppin
 each grid's switch error across the flow's jumps (`pilot.Boundaries`, the pilot's estimate of
 what switches add to the mean squared distance over all prior draws) to its distance on the
 draws (its distance, like the pilot's, without the `pilot.TRIM` farthest draws, whose switches
-are the arcs' to count): the search minimises the quantity the pilot chose by. A share of the pilot (a quarter by
-default) is held out of the search, and of the start grid and the best grid found after 10,
-20, 40, ... trials the pilot's rule (`pilot.decide`) picks one: the closest to the flow on those
-held-out draws, plus its switch error, or among those within `pilot.TIE` of it the one whose
-samples of the whole pilot match the flow's mean and covariance best, of those no further from
-it than the start. Early stopping, which never returns a grid that those measures rank below
-the start (README, "Tuned grids").
+are the arcs' to count): the search minimises the quantity the pilot chose by. A share of the
+pilot (a quarter by default) is held out of the search, and of the start grid and the best grid
+found after 10, 20, 40, ... trials the pilot's rule (`pilot.decide`) picks one: the closest to
+the flow on those held-out draws, plus its switch error, or among those within `pilot.TIE` of it
+the one whose samples of the whole pilot match the flow's mean and covariance best, of those no
+further from it than the start. Early stopping, which never returns a grid that those measures
+rank below the start (README, "Tuned grids").
 """
 
 from __future__ import annotations
