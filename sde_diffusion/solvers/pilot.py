@@ -310,12 +310,13 @@ def tweedie_step(score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor) -> Tensor:
     return tweedie_x0(x, t, score_fn(x, t), sde)
 
 
-def flow_error(x: Tensor, reference: Tensor, trim: int = 0) -> float:
-    """Mean squared distance per sample, the `trim` farthest samples left out (inf when x is not
-    finite)."""
+def flow_error(x: Tensor, reference: Tensor, boundaries: Boundaries | None = None) -> float:
+    """Mean squared distance per sample (inf when x is not finite); where `boundaries` found
+    jumps of the flow, without the TRIM farthest samples, whose switches the arcs count."""
     d2 = (x - reference).flatten(1).double().pow(2).sum(1)
     if not bool(torch.isfinite(d2).all()):
         return math.inf
+    trim = TRIM if boundaries else 0
     return float(d2.sort().values[: len(d2) - trim].mean())
 
 
@@ -408,7 +409,7 @@ def choose(
             run = functools.partial(batched, run_candidate, candidate=c, ts=ts)
             samples = run(x_T)
             switches[c] = boundaries.switch_error(run) if boundaries else 0.0
-            errors[c] = flow_error(samples, reference, TRIM if boundaries else 0) + switches[c]
+            errors[c] = flow_error(samples, reference, boundaries) + switches[c]
             moments[c] = moment_error(samples)
             bar.update(1)
     best = decide(errors, switches, moments.__getitem__)

@@ -49,7 +49,6 @@ from .pilot import (
     BOUNDARY_ARCS,
     CANDIDATES,
     PILOT_DRAWS,
-    TRIM,
     Boundaries,
     MomentError,
     cached_choice,
@@ -241,7 +240,7 @@ def tune_grid(
         return res.samples
 
     def run(theta: np.ndarray, x: Tensor, ref: Tensor) -> float:
-        return flow_error(samples(theta, x), ref, TRIM if boundaries else 0)
+        return flow_error(samples(theta, x), ref, boundaries)
 
     switch_errors: dict[tuple, float] = {}  # of every grid tried: the stop reuses them
 
