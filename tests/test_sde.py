@@ -212,6 +212,22 @@ def test_discretize_reproduces_the_checkpoint_betas_and_the_continuous_abar():
     torch.testing.assert_close(torch.cumprod(s.alphas, 0), s.alphas_cumprod)
 
 
+def test_scaled_linear_is_stable_diffusions_schedule():
+    """Against diffusers' own "scaled_linear" betas (computed in float32 there), and gamma_T as
+    the docstring states it, from the reference betas' product."""
+    from diffusers import DDPMScheduler
+
+    ref = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).betas
+    sde = DiscreteVPSDE.scaled_linear()
+    torch.testing.assert_close(sde.betas, ref.double(), rtol=1e-5, atol=0)
+    assert sde.betas[500] < (0.00085 + 0.012) / 2  # sqrt-linear, not linear
+    gamma_T = float(sde.marginal(torch.tensor([sde.T], dtype=F64))[0][0])
+    assert gamma_T == pytest.approx(math.sqrt(torch.prod(1 - ref.double()).item()), rel=1e-4)
+    assert gamma_T == pytest.approx(0.068, abs=5e-4)
+    ddpm_gamma_T = float(DiscreteVPSDE.ddpm().marginal(torch.tensor([1.0], dtype=F64))[0][0])
+    assert ddpm_gamma_T == pytest.approx(0.0064, abs=5e-5)
+
+
 @pytest.mark.parametrize("i", [2, 10, 500, 999])
 def test_ddpm_posterior_matches_bayes_rule(i):
     """q(x_{i-1} | x_i, x_0) from the SDE against Bayes' rule by quadrature in 1-D."""
