@@ -502,12 +502,22 @@ SDE_NAMES: dict[str, type[SDE]] = {
 }
 
 
+#: the named beta schedules of get_sde("ddpm", schedule=...)
+DDPM_SCHEDULES = {"linear": DiscreteVPSDE.ddpm, "scaled_linear": DiscreteVPSDE.scaled_linear}
+
+
 def get_sde(name: str, **kwargs: object) -> SDE:
-    """Build an SDE by name: one of vp, vp_cosine, subvp, ve, ddpm (DDPM's discrete betas)."""
+    """Build an SDE by name: one of vp, vp_cosine, subvp, ve, ddpm (discrete betas: given as
+    `betas`, or a named `schedule` of DDPM_SCHEDULES, "linear" by default, and its N,
+    beta_start, beta_end)."""
     check_choice("SDE", name, SDE_NAMES)
-    build = DiscreteVPSDE.ddpm if name == "ddpm" and "betas" not in kwargs else SDE_NAMES[name]
+    build: Callable[..., SDE] = SDE_NAMES[name]
+    if name == "ddpm" and "betas" not in kwargs:
+        schedule = kwargs.pop("schedule", "linear")
+        check_choice("ddpm schedule", schedule, DDPM_SCHEDULES)
+        build = DDPM_SCHEDULES[schedule]  # type: ignore[index]
     check_keywords(f"get_sde({name!r})", kwargs, list(inspect.signature(build).parameters))
-    return build(**kwargs)  # type: ignore[arg-type]
+    return build(**kwargs)
 
 
 def check_sde(sde: object, name: str = "sde") -> SDE:

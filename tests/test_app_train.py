@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
+from sde_diffusion import DiscreteVPSDE
+from sde_diffusion.apps.config import build_sde
 from sde_diffusion.apps.train import compose_config, run
 from sde_diffusion.trainer import load_score_fn
 
@@ -27,6 +30,14 @@ def test_defaults_and_groups_compose():
     )
     for sde in ("vp", "vp_cosine", "subvp", "ve"):
         assert _build([f"sde={sde}"]).sde.name == sde
+    sd = _build(["sde=ddpm_scaled_linear"]).sde  # Stable Diffusion's betas, by name
+    assert (sd.name, sd.schedule, sd.beta_start, sd.beta_end) == (
+        "ddpm",
+        "scaled_linear",
+        8.5e-4,
+        0.012,
+    )
+    assert torch.equal(build_sde(sd).betas, DiscreteVPSDE.scaled_linear().betas)
     cfg = _build(["loss=lognormal", "data=gaussian_grid"])
     assert (cfg.loss.time, cfg.loss.p_mean, cfg.data.name) == ("lognormal", -1.2, "gaussian_grid")
 

@@ -168,6 +168,7 @@ CASES: list[Case] = [
     # ---- the SDEs -------------------------------------------------------------------------
     ("get_sde: unknown name", lambda: get_sde("vpp"), ValueError, ("SDE", "'vpp'", "vp", "vp_cosine", "subvp", "ve", "ddpm")),
     ("get_sde: parameter of another SDE", lambda: get_sde("vp", sigma_min=0.1), TypeError, ("'sigma_min'", "beta_min", "beta_max", "T")),
+    ("get_sde: unknown ddpm schedule", lambda: get_sde("ddpm", schedule="cosine"), ValueError, ("ddpm schedule", "'cosine'", "linear", "scaled_linear")),
     ("VPSDE: beta_min < 0", lambda: VPSDE(beta_min=-1.0), ValueError, ("beta_min", "> 0", "-1.0")),
     ("VPSDE: beta_max < beta_min", lambda: VPSDE(beta_min=1.0, beta_max=0.5), ValueError, ("beta_max", ">= beta_min = 1.0", "0.5")),
     ("VPSDE: T 0", lambda: VPSDE(T=0.0), ValueError, ("T", "(0, inf)", "0.0")),

@@ -56,9 +56,13 @@ def test_optimizer_state_round_trip():
     assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("name", ["vp", "vp_cosine", "subvp", "ve", "ddpm"])
-def test_sde_spec_rebuilds_the_same_sde(name):
-    sde = get_sde(name)
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [(n, {}) for n in ("vp", "vp_cosine", "subvp", "ve", "ddpm")]
+    + [("ddpm", {"schedule": "scaled_linear"})],
+)
+def test_sde_spec_rebuilds_the_same_sde(name, kwargs):
+    sde = get_sde(name, **kwargs)
     back = sde_from_spec(sde_spec(sde))
     t = torch.linspace(0.01, 0.9, 5, dtype=torch.float64)
     assert type(back) is type(sde)

@@ -77,9 +77,11 @@ class VEConfig:
 
 @dataclass
 class DDPMConfig:
-    """DDPM's discrete schedule: betas linear from beta_start to beta_end over N steps."""
+    """A discrete schedule of N betas from beta_start to beta_end: DDPM's linear one, or
+    Stable Diffusion's scaled_linear (sqrt(beta) linear; conf/sde/ddpm_scaled_linear.yaml)."""
 
     name: str = "ddpm"
+    schedule: str = "linear"
     N: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
