@@ -466,6 +466,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "steps_vs_quality_holdout" if args.holdout else "steps_vs_quality"
+    extra = [s for s in schedules if s not in SUITE_SCHEDULES]
+    if extra:  # schedules outside the suite's get files of their own
+        stem += "_" + "_".join(extra)
     (args.out / f"{stem}.md").write_text("\n\n".join(md) + "\n")
     labels = [default.label] + ([tuned_method.label] if tuned_method else [])
     plot_ratios(all_records, labels, schedules, args.out / f"{stem}.png")
