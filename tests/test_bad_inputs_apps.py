@@ -26,7 +26,11 @@ CASES = [
     ("sample-steps-zero", ["sample", "steps=0"], ["steps must be >= 1", "0"]),
     ("sample-num_samples-zero", ["sample", "num_samples=0"], ["num_samples must be >= 1"]),
     ("sample-batch_size-zero", ["sample", "batch_size=0"], ["batch_size must be >= 1"]),
-    ("sample-unknown-sde", ["sample", "sde=foo"], ["unknown sde=foo", "ddpm, subvp, ve, vp"]),
+    (
+        "sample-unknown-sde",
+        ["sample", "sde=foo"],
+        ["unknown sde=foo", "ddpm, ddpm_scaled_linear, subvp, ve, vp"],
+    ),
     ("sample-unknown-solver", ["sample", "solver=rk4"], ["unknown solver=rk4", "ddim", "heun"]),
     ("sample-unknown-model", ["sample", "model=net"], ["unknown model=net", "ckpt", "oracle"]),
     ("sample-swept-unknown-sde", ["sample", "-m", "sde=vp,foo"], ["unknown sde=foo"]),

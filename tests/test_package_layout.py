@@ -96,5 +96,5 @@ def test_the_console_script_is_the_same_command_line():
     assert bad.returncode == 1
     assert (
         bad.stderr.strip()
-        == "error: unknown sde=foo; valid choices: ddpm, subvp, ve, vp, vp_cosine"
+        == "error: unknown sde=foo; valid choices: ddpm, ddpm_scaled_linear, subvp, ve, vp, vp_cosine"
     )
