@@ -50,6 +50,15 @@ def test_the_default_runs_its_pilot_and_records_the_choice(tmp_path):
              "inpaint.mask=half")  # fmt: skip
 
 
+def test_a_sweep_over_ddpm_schedules_keeps_them_apart(tmp_path):
+    """sde=ddpm and sde=ddpm_scaled_linear are both DiscreteVPSDEs named "ddpm": the record (and
+    so the report's grouping) names the option, and the schedules differ."""
+    linear = _run(tmp_path / "a", "model=oracle", "sde=ddpm", "steps=5")
+    scaled = _run(tmp_path / "b", "model=oracle", "sde=ddpm_scaled_linear", "steps=5")
+    assert (linear["sde"], scaled["sde"]) == ("ddpm", "ddpm_scaled_linear")
+    assert linear["metrics"] != scaled["metrics"]
+
+
 def test_nonsensical_combination_is_recorded_as_invalid(tmp_path):
     record = _run(tmp_path, "sde=ve", "solver=ddpm", "steps=5")
     assert record["status"] == "invalid" and "variance-preserving" in record["error"]

@@ -36,6 +36,7 @@ __all__ = [
     "build_sde",
     "dtype_of",
     "model_kwargs",
+    "sde_label",
 ]
 
 
@@ -85,6 +86,14 @@ class DDPMConfig:
     N: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
+
+
+def sde_label(cfg: Any) -> str:
+    """The SDE's name in records and reports, as its conf/sde option: `name`, with a ddpm
+    schedule other than DDPM's own appended (ddpm_scaled_linear), so that a sweep over both keeps
+    them apart."""
+    name, schedule = getattr(cfg, "name", str(cfg)), getattr(cfg, "schedule", "linear")
+    return name if schedule == "linear" else f"{name}_{schedule}"
 
 
 def build_sde(cfg: Any) -> SDE:

@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..solvers import sample
 from ..trainer import resolve_device
-from .config import dtype_of
+from .config import dtype_of, sde_label
 from .hydra_app import INVALID, USER_ERRORS, RunFailed, register_shared_schemas, run_app
 from .sample_config import DEFAULT_SOLVER, SampleAppConfig, SolverConfig
 from .sample_grid import sampling_grid
@@ -71,7 +71,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     target = build_target(obj, device, dtype)
     record: dict[str, Any] = {
         "model": target.name,
-        "sde": getattr(obj.sde, "name", str(obj.sde)),
+        "sde": sde_label(obj.sde),
         "solver": obj.solver.name,
         "steps": obj.steps,
         "nfe": None,
