@@ -93,22 +93,24 @@ def test_tuned_grid_is_fitted_written_and_reused(tmp_path):
     assert stochastic["status"] == "invalid" and "dpm_solver, unipc" in stochastic["error"]
 
 
-def _tiny_checkpoint(out_dir, data, n):
+def _tiny_checkpoint(out_dir, data, n, *overrides):
     """A checkpoint of a tiny MLP trained for 6 steps on `data` (n samples)."""
     cfg = train.compose_config(
         [
             f"data={data}", f"data.n={n}", "model.width=16", "model.depth=1", "model.embed_dim=8",
             "train.steps=6", "train.batch_size=32", "train.log_every=3", "train.sample_every=-1",
-            "train.device=cpu", "train.progress=false", "train.tensorboard=false",
+            "train.device=cpu", "train.progress=false", "train.tensorboard=false", *overrides,
         ]
     )  # fmt: skip
     return train.run(cfg, out_dir).last_checkpoint
 
 
 def test_checkpoint_run(tmp_path):
-    ckpt = _tiny_checkpoint(tmp_path / "train", "two_moons", 500)
+    """A checkpoint samples on its own SDE (subvp here, the config's sde=vp ignored) and the
+    record names that SDE."""
+    ckpt = _tiny_checkpoint(tmp_path / "train", "two_moons", 500, "sde=subvp")
     record = _run(tmp_path / "s", "model=ckpt", f"ckpt={ckpt}", "solver=euler_maruyama", "steps=5")
-    assert record["status"] == "ok" and record["nfe"] == 6
+    assert record["status"] == "ok" and record["nfe"] == 6 and record["sde"] == "subvp"
     assert set(record["metrics"]) == {"sliced_w2"}
 
 

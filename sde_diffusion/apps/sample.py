@@ -37,6 +37,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from ..checkpoint import sde_spec
 from ..solvers import sample
 from ..trainer import resolve_device
 from .config import dtype_of, sde_label
@@ -71,7 +72,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     target = build_target(obj, device, dtype)
     record: dict[str, Any] = {
         "model": target.name,
-        "sde": sde_label(obj.sde),
+        "sde": sde_label(obj.sde) if target.oracle is not None else sde_spec(target.sde)["name"],
         "solver": obj.solver.name,
         "steps": obj.steps,
         "nfe": None,
