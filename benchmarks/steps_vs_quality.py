@@ -504,6 +504,10 @@ def plot_ratios(records: Sequence[dict], labels: Sequence[str], schedules: Seque
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set(xscale="log", yscale="log", title=f"{schedule}: ours / best peer (dashed: tuned)",
                xlabel="NFE", xticks=list(NFES), xticklabels=list(map(str, NFES)))  # fmt: skip
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())  # only the NFE ticks
+        ax.yaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2.0, 5.0)))
+        for set_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            set_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # 0.5, not 5 x 10^-1
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
