@@ -22,6 +22,10 @@ a 16-D mixture of 8 full-covariance components, a scale mixture (component varia
 off-plane variance 1e-4); each under DDPM's discrete linear betas, the continuous VP and the
 cosine VP. Diffusers runs on the schedule's 1000 DDPM betas and evaluates the score at its
 timesteps' continuous times, k-diffusion through a denoiser D(x, sigma) of the same score.
+`--schedules` also takes Stable Diffusion's scaled-linear betas and two SDEs without betas, VE and
+sub-VP, where diffusers' EDM schedulers stand in for its DDPM ones and the sigma-grid peers also
+end at sigma 0.002 and 0.01 (steps_vs_quality_peers.SIGMA_MINS); their results go to files of
+their own.
 
 Errors:
 - Gaussians: the exact KL from the sampler's output law to the target. A deterministic sampler
@@ -55,7 +59,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sde_diffusion import SDE, VPSDE, CosineVPSDE, DiscreteVPSDE, GaussianMixture
+from sde_diffusion import SDE, VESDE, VPSDE, CosineVPSDE, DiscreteVPSDE, GaussianMixture, SubVPSDE
 from sde_diffusion.metrics import SlicedW2, gaussian_kl, gaussian_kl_from_samples
 from sde_diffusion.sde import ScoreFn
 from sde_diffusion.solvers import sample, tune_grid
@@ -69,6 +73,8 @@ SCHEDULES: dict[str, Callable[[], SDE]] = {
     "vp": VPSDE,
     "cosine": CosineVPSDE,
     "scaled_linear": DiscreteVPSDE.scaled_linear,  # Stable Diffusion's; not in the suite's default
+    "ve": VESDE,  # no betas: diffusers' EDM schedulers take the place of its DDPM ones
+    "subvp": SubVPSDE,
 }
 #: the schedules every problem runs under unless --schedules says otherwise
 SUITE_SCHEDULES = ("ddpm", "vp", "cosine")
@@ -230,6 +236,7 @@ class Method:
     run: Callable[[Problem, int, Tensor, int], tuple[Tensor, int]]
     stochastic: bool = False
     fixed: bool = False  # one evaluation per step, known without counting
+    applies: Callable[[SDE], bool] = lambda sde: True  # the SDEs it can run on
 
     @property
     def ours(self) -> bool:
@@ -285,7 +292,7 @@ def from_peer(p: Peer) -> Method:
         return p.run(problem.score_fn, problem.sde, x_T, steps, seed)
 
     stochastic = "sde" in p.label or "DDPM" in p.label
-    return Method(p.label, run, stochastic)
+    return Method(p.label, run, stochastic, applies=p.applies)
 
 
 def budget_steps(method: Method, budget: int, problem: Problem, cache: dict) -> int | None:
@@ -421,7 +428,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, build in suite.items():
         for schedule in schedules:
             problem = make_problem(name, build(), schedule)
-            records = [evaluate(problem, m, b, cache) for m in methods + peers for b in NFES]
+            runs = [m for m in methods + peers if m.applies(problem.sde)]
+            records = [evaluate(problem, m, b, cache) for m in runs for b in NFES]
             records.append(evaluate(problem, default, FLOOR_NFE, cache))
             if tuned_method is not None:
                 records += [evaluate(problem, tuned_method, b, cache) for b in NFES]

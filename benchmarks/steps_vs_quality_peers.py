@@ -1,13 +1,16 @@
 """Peers for the steps-vs-quality benchmarks: diffusers' schedulers and k-diffusion's samplers in
-all their sensible settings, driven through any score_fn(x, t) on a VP-family SDE.
+all their sensible settings, driven through any score_fn(x, t) on any of the package's SDEs.
 
-Every peer is `run(score_fn, sde, x_T, steps, seed) -> (samples, counted NFE)`, so the oracle
+Every peer is `run(score_fn, sde, x_T, steps, seed) -> (samples, counted NFE)` on the SDEs that
+its `applies` accepts, so the oracle
 suite (steps_vs_quality.py) and the trained networks (steps_vs_quality_trained.py) hand them the
 very score function our own solvers get, and budgets are matched on counted evaluations.
 
 - diffusers: the scheduler runs on the SDE's DDPM betas (a DiscreteVPSDE's own, or the continuous
   schedule discretised on N = 1000 steps, `VPFamilySDE.discretize`); its eps-model at timestep k
-  (fractional where its grid puts it) is the score's eps at t = (k + 1) T / N.
+  (fractional where its grid puts it) is the score's eps at t = (k + 1) T / N. An SDE without
+  betas (VE, sub-VP) gets diffusers' EDM schedulers instead, in k-diffusion's coordinates (below)
+  on the same noise levels, fed the denoiser through their eps preconditioning.
 - k-diffusion: its samplers take a denoiser D(x, sigma) in the variance-exploding coordinates
   x / gamma with noise level sigma = sigma_t / gamma_t; D is the score's Tweedie x0 at the t whose
   log-SNR is -log sigma. Its grids run from the SDE's noise level at T down to that at t_min,
@@ -43,10 +46,15 @@ from sde_diffusion.solvers import sample
 
 #: diffusers' training steps for SDEs that are not discrete already
 TRAIN_STEPS = 1000
+#: on SDEs without betas (VE, sub-VP: noise level 1e-4 at t_min, where the VP family has
+#: 0.006-0.03), the sigma-grid peers also end at EDM's default sigma_min and at 0.01 (VE's own
+#: sigma_min): a user of those samplers would
+SIGMA_MINS = (0.002, 0.01)
 
 __all__ = [
     "Peer",
     "diffusers_peers",
+    "has_betas",
     "k_diffusion_peers",
     "load_k_diffusion_sampling",
     "steps_for_budget",
@@ -59,12 +67,18 @@ class Peer:
 
     label: str
     run: Callable[[ScoreFn, SDE, Tensor, int, int], tuple[Tensor, int]]
+    applies: Callable[[SDE], bool] = lambda sde: True  # the SDEs it can run on
+
+
+def has_betas(sde: SDE) -> bool:
+    """Whether diffusers' DDPM-beta schedulers can run on `sde` (the VP family)."""
+    return isinstance(sde, VPFamilySDE)
 
 
 def _betas(sde: SDE) -> Tensor:
     if isinstance(sde, DiscreteVPSDE):
         return sde.betas
-    if not isinstance(sde, VPFamilySDE):
+    if not has_betas(sde):
         raise ValueError(f"peers need a VP-family SDE (DDPM betas), got {type(sde).__name__}")
     return sde.discretize(TRAIN_STEPS).betas
 
@@ -97,13 +111,57 @@ def _diffusers(cls_name: str, label: str, **settings: object) -> Peer:
             x = sched.step(eps, k, x, **extra).prev_sample
         return x, nfe
 
-    return Peer("diffusers: " + label, run)
+    return Peer("diffusers: " + label, run, has_betas)
+
+
+def _diffusers_edm(
+    cls_name: str, label: str, sigma_min: float | None = None, **settings: object
+) -> Peer:
+    """diffusers' EDM scheduler `cls_name` with `settings` on an SDE without betas: k-diffusion's
+    coordinates and noise levels (`edm_sigmas`), final step to 0; the denoiser D enters through
+    the scheduler's eps preconditioning D = c_skip x + c_out F (Karras et al. 2022, Table 1), so
+    F = (D - c_skip x) / c_out."""
+    import diffusers
+
+    cls = getattr(diffusers, cls_name)
+
+    def run(score_fn: ScoreFn, sde: SDE, x_T: Tensor, steps: int, seed: int) -> tuple[Tensor, int]:
+        s_min, s_max = edm_sigmas(sde, sigma_min=sigma_min)
+        sched = cls(sigma_min=s_min, sigma_max=s_max, final_sigmas_type="zero", **settings)
+        sched.set_timesteps(steps)
+        denoise, s_data = edm_denoiser(score_fn, sde), sched.config.sigma_data
+        x = ve_coordinates(sde, x_T)
+        for k in sched.timesteps:
+            sched.scale_model_input(x, k)  # only to set the scheduler's step index
+            sigma = sched.sigmas[sched.step_index].to(x)
+            c_skip = s_data**2 / (sigma**2 + s_data**2)
+            c_out = sigma * s_data / (sigma**2 + s_data**2).sqrt()
+            f = (denoise(x, sigma.expand(x.shape[0])) - c_skip * x) / c_out
+            x = sched.step(f, k, x).prev_sample
+        return x, len(sched.timesteps)
+
+    return Peer("diffusers: " + label, run, lambda sde: not has_betas(sde))
+
+
+def _sigma_min_variants(make: Callable[[float | None], Peer]) -> list[Peer]:
+    """make(None), whose noise levels run down to the SDE's at t_min, and make(s) for s in
+    SIGMA_MINS, down to s instead, on the SDEs without betas whose level at t_min lies below s."""
+    peers = [make(None)]
+    for s in SIGMA_MINS:
+        p = make(s)
+
+        def applies(sde: SDE, p: Peer = p, s: float = s) -> bool:
+            return p.applies(sde) and not has_betas(sde) and edm_sigmas(sde)[0] < s
+
+        peers.append(Peer(f"{p.label}, sigma_min {s:g}", p.run, applies))
+    return peers
 
 
 def diffusers_peers() -> list[Peer]:
     """DPM-Solver++ (2M, 3M), UniPC (2, 3), DEIS (2, 3) on their default ("linspace"),
     "trailing", Karras and (DPM-Solver++) Lu-lambda grids, final step to sigma = 0; DDIM; Euler and
-    Heun on trailing and Karras grids."""
+    Heun on trailing and Karras grids. Without betas: the EDM DPM-Solver++ (2M, 3M) and Euler on
+    Karras and exponential noise levels."""
     grids: dict[str, dict[str, object]] = {
         "linspace": {},
         "trailing": {"timestep_spacing": "trailing"},
@@ -141,6 +199,25 @@ def diffusers_peers() -> list[Peer]:
     for name in ("Euler", "Heun"):
         for grid in ("trailing", "karras"):
             peers.append(_diffusers(f"{name}DiscreteScheduler", f"{name} {grid}", **grids[grid]))
+    for schedule in ("karras", "exponential"):
+        for order in (2, 3):
+            peers += _sigma_min_variants(
+                functools.partial(
+                    _diffusers_edm,
+                    "EDMDPMSolverMultistepScheduler",
+                    f"EDM DPM++{order}M {schedule}",
+                    solver_order=order,
+                    sigma_schedule=schedule,
+                )
+            )
+        peers += _sigma_min_variants(
+            functools.partial(
+                _diffusers_edm,
+                "EDMEulerScheduler",
+                f"EDM Euler {schedule}",
+                sigma_schedule=schedule,
+            )
+        )
     return peers
 
 
@@ -180,13 +257,21 @@ def edm_denoiser(score_fn: ScoreFn, sde: SDE) -> Callable[[Tensor, Tensor], Tens
     return denoiser
 
 
-def edm_sigmas(sde: SDE, dtype: torch.dtype = torch.float64) -> tuple[float, float]:
-    """(noise level at t_min, noise level at T) in the coordinates x / gamma."""
+def edm_sigmas(
+    sde: SDE, dtype: torch.dtype = torch.float64, sigma_min: float | None = None
+) -> tuple[float, float]:
+    """(noise level at t_min, or sigma_min; noise level at T) in the coordinates x / gamma."""
     lam = sde.log_snr(torch.tensor([sde.t_min, sde.T], dtype=dtype))
-    return float(torch.exp(-lam[0])), float(torch.exp(-lam[1]))
+    return sigma_min or float(torch.exp(-lam[0])), float(torch.exp(-lam[1]))
 
 
-def _k_diffusion(sampler: str, grid: str) -> Peer:
+def ve_coordinates(sde: SDE, x_T: Tensor) -> Tensor:
+    """x_T / gamma_T: a prior draw in the coordinates x / gamma of `edm_denoiser`."""
+    gamma_T = sde.marginal(torch.as_tensor(sde.T, dtype=x_T.dtype, device=x_T.device))[0]
+    return x_T / gamma_T
+
+
+def _k_diffusion(sampler: str, grid: str, sigma_min: float | None = None) -> Peer:
     """k-diffusion's `sample_<sampler>` on its `get_sigmas_<grid>` grid (then 0)."""
     k = load_k_diffusion_sampling()
     fn = getattr(k, f"sample_{sampler}")
@@ -201,16 +286,15 @@ def _k_diffusion(sampler: str, grid: str) -> Peer:
             nfe += 1
             return denoise(x, sigma)
 
-        s_min, s_max = edm_sigmas(sde)
+        s_min, s_max = edm_sigmas(sde, sigma_min=sigma_min)
         sigmas = getattr(k, f"get_sigmas_{grid}")(steps, s_min, s_max).to(x_T.device, x_T.dtype)
-        gamma_T = sde.marginal(torch.as_tensor(sde.T, dtype=x_T.dtype, device=x_T.device))[0]
         extra = {}
         if takes_noise:
             g = torch.Generator().manual_seed(seed)
             extra["noise_sampler"] = lambda s, s_next: torch.randn(
                 x_T.shape, generator=g, dtype=x_T.dtype
             ).to(x_T.device)
-        x = fn(model, x_T / gamma_T, sigmas, disable=True, **extra)
+        x = fn(model, ve_coordinates(sde, x_T), sigmas, disable=True, **extra)
         return x, nfe
 
     return Peer(f"k-diffusion: {sampler} {grid}", run)
@@ -218,11 +302,12 @@ def _k_diffusion(sampler: str, grid: str) -> Peer:
 
 def k_diffusion_peers() -> list[Peer]:
     """dpmpp_2m, dpmpp_3m_sde, lms, heun and euler on Karras (rho = 7) and exponential (uniform
-    log-SNR) grids."""
+    log-SNR) grids (without betas also down to SIGMA_MINS)."""
     return [
-        _k_diffusion(s, g)
+        peer
         for s in ("dpmpp_2m", "dpmpp_3m_sde", "lms", "heun", "euler")
         for g in ("karras", "exponential")
+        for peer in _sigma_min_variants(functools.partial(_k_diffusion, s, g))
     ]
 
 

@@ -82,7 +82,7 @@ def samplers(score_fn, sde) -> dict[str, Sampler]:
         peers += k_diffusion_peers()
     except ImportError as e:
         print(f"running without k-diffusion: {e}")
-    for p in peers:
+    for p in filter(lambda p: p.applies(sde), peers):
         out[p.label] = lambda x_T, steps, p=p: p.run(score_fn, sde, x_T, steps, 0)
     return out
 

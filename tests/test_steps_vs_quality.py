@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from sde_diffusion import DiscreteVPSDE, GaussianMixture
+from sde_diffusion import VESDE, DiscreteVPSDE, GaussianMixture, SubVPSDE
 from sde_diffusion.solvers import sample
 
 HERE = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -91,3 +91,27 @@ def test_k_diffusion_dpmpp_2m_is_our_dpm_solver_2m():
                  lower_order_final=False, return_info=True)  # fmt: skip
     assert nfe_peer == res.nfe == 10
     torch.testing.assert_close(res.samples, x_peer, rtol=2e-6, atol=2e-6)
+
+
+def test_diffusers_edm_dpmpp_2m_is_our_dpm_solver_2m_on_sdes_without_betas():
+    """On VE and sub-VP, where diffusers' DDPM-beta schedulers cannot run, its EDM DPM-Solver++
+    (2M) on exponential noise levels is our DPM-Solver++(2M) on log-SNR steps to t_min, then
+    Tweedie: the eps preconditioning is inverted exactly, up to the scheduler's float32 noise
+    levels (measured difference 4e-7)."""
+    mix = GaussianMixture.ring(8, 4.0, 0.5)
+    for sde in (VESDE(), SubVPSDE()):
+        ours_only = {p.label for p in peers.diffusers_peers() if p.applies(sde)}
+        assert ours_only and all("EDM" in label for label in ours_only)
+        z = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        x_T = sde.prior_std() * z
+        edm = next(
+            p for p in peers.diffusers_peers() if p.label.endswith("EDM DPM++2M exponential")
+        )
+        x_peer, nfe_peer = edm.run(mix.score_fn(sde), sde, x_T, 10, 0)
+        res = sample(mix.score_fn(sde), sde, x_T, "dpm_solver", 9, t_end=sde.t_min,
+                     lower_order_final=False, return_info=True)  # fmt: skip
+        assert nfe_peer == res.nfe == 10
+        torch.testing.assert_close(res.samples, x_peer, rtol=2e-6, atol=2e-6)
+    assert not any(
+        "EDM" in p.label for p in peers.diffusers_peers() if p.applies(DiscreteVPSDE.ddpm())
+    )
