@@ -203,6 +203,15 @@ def test_dpm_solver_3m_differs_from_diffusers_only_in_the_second_difference(dpm_
     assert (ours - _diffusers_loop(fixed, _x_T())).abs().max() <= TOL  # ...and it is that term
 
 
+def test_dpm_solver_3m_with_half_d2_is_diffusers_3m(dpm_float64):
+    """d2_weight=0.5 weighs D2 as diffusers does: its 3M step for step, with no patching."""
+    ours = _ours(
+        _dpm_scheduler(20, order=3), _x_T(), "dpm_solver", order=3, lower_order_final=False,
+        d2_weight=0.5,
+    )  # fmt: skip
+    assert (ours - _diffusers_loop(_dpm_scheduler(20, order=3), _x_T())).abs().max() <= TOL
+
+
 # ---- adapters: a diffusers UNet2DModel and scheduler configs ---------------------------------
 
 

@@ -204,7 +204,10 @@ def test_ddpm_rejects_non_vp_sdes(name):
         ("dpm_solver", {"method": "adaptive"}, "multistep, singlestep"),
         ("dpm_solver", {"to_zero": True}, "to_zero needs prediction='noise'"),
         ("unipc", {"prediction": "noise", "to_zero": True, "final_jump": True}, "pass one"),
-        ("dpm_solver", {"method": "singlestep", "final_jump": True}, "without to_zero or final"),
+        ("dpm_solver", {"method": "singlestep", "final_jump": True}, "without to_zero, final_"),
+        ("dpm_solver", {"method": "singlestep", "d2_weight": 0.5}, "final_jump or d2_weight"),
+        ("dpm_solver", {"d2_weight": 1.5}, r"d2_weight must lie in \[0, 1\]"),
+        ("dpm_solver", {"d2_weight": float("nan")}, r"d2_weight must lie in \[0, 1\].*nan"),
     ],
 )
 def test_bad_parameters(solver, params, match):

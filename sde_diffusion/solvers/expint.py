@@ -54,7 +54,9 @@ def _first_order(
     return (sig_t / sig_s) * x - (gam_t * torch.expm1(-h)) * m
 
 
-def _interpolant_weights(offsets: Tensor, h: Tensor, prediction: str = "data") -> list[float]:
+def _interpolant_weights(
+    offsets: Tensor, h: Tensor, prediction: str = "data", d2_weight: float = 1.0
+) -> list[float]:
     """Weights b with integral_0^h w(u) P(lambda_s + u) du = sum_i b_i m_i, where P is the
     polynomial through (lambda_s + offsets[i], m_i) (one offset is 0) and the kernel is
     w(u) = e^{-(h-u)} for data prediction, e^{h-u} for noise prediction; offsets and h are
@@ -67,7 +69,8 @@ def _interpolant_weights(offsets: Tensor, h: Tensor, prediction: str = "data") -
         noise:  psi_j = integral_0^h e^{h-u} u^j / j! du,     psi_0 = e^h - 1,     psi_j = psi_{j-1} - h^j / j!
 
     so b solves V^T b = psi. Float64 because the psi_j cancel for small h; on the host, from a
-    grid converted once per run, so no step waits on the device.
+    grid converted once per run, so no step waits on the device. `d2_weight` scales psi_2, the
+    weight of the curvature c_2 (`_interpolant_step`).
     """
     if prediction == "data":
         psi = [-torch.expm1(-h)]
@@ -77,6 +80,8 @@ def _interpolant_weights(offsets: Tensor, h: Tensor, prediction: str = "data") -
         psi = [torch.expm1(h)]
         for j in range(1, len(offsets)):
             psi.append(psi[-1] - h**j / math.factorial(j))
+    if len(psi) > 2:
+        psi[2] = d2_weight * psi[2]
     return _solve_transposed_vandermonde(offsets, psi)
 
 
@@ -104,6 +109,7 @@ def _interpolant_step(
     marginal_s: tuple[Tensor, Tensor],
     marginal_t: tuple[Tensor, Tensor],
     prediction: str = "data",
+    d2_weight: float = 1.0,
 ) -> Tensor:
     """From s to t, integrating exactly the polynomial in lambda through the model outputs m at
     log-SNRs lam (host float64; an exponential Adams method, of order len(m)); marginal_s and
@@ -125,9 +131,11 @@ def _interpolant_step(
     and k-diffusion take D2 = (D1_0 - D1_1)/(r0 + r1) ~ h^2 x0''/2, half of this term, which
     leaves a local error O(h^3): their 3M converges with order 2 (measured slopes 1.1-1.8 on EDM
     grids of 20-160 steps, where this one gives 3.0; tests/test_solvers_diffusers.py pins that
-    the two differ by that term alone).
+    the two differ by that term alone). `d2_weight` scales the term: 0.5 is their 3M. Damping
+    the curvature that three coarse steps extrapolate can pay where few steps cross a fast
+    change of x0 (the default's pilot tries both, `pilot.CANDIDATES`).
     """
-    b = _interpolant_weights(lam - lam_s, lam_t - lam_s, prediction)
+    b = _interpolant_weights(lam - lam_s, lam_t - lam_s, prediction, d2_weight)
     integral = sum(b_i * m_i for b_i, m_i in zip(b, m, strict=True))
     (gam_s, sig_s), (gam_t, sig_t) = marginal_s, marginal_t
     if prediction == "data":
@@ -194,6 +202,7 @@ def _multistep(
     to_zero: bool,
     callback: Callback | None,
     final_jump: bool = False,
+    d2_weight: float = 1.0,
 ) -> Tensor:
     """The multistep loop shared by DPM-Solver++ (predictor only) and UniPC (with corrector).
 
@@ -208,7 +217,8 @@ def _multistep(
     the uncorrected output stays in the history.
     With `to_zero` (noise prediction), a last step from the grid's end to sigma = 0 that evaluates
     nothing: the first-order step x_0 = (x - sigma eps) / gamma with eps the last step's own
-    polynomial extrapolated to the grid's end.
+    polynomial extrapolated to the grid's end. `d2_weight` scales the predictor's curvature term
+    (`_interpolant_step`); the corrector integrates its polynomial exactly.
     """
     n = len(ts) - 1
     lam = sde.log_snr(ts)
@@ -217,7 +227,7 @@ def _multistep(
     history: list[Tensor] = []
     x_prev, k = x, 0
 
-    def adams(x_s: Tensor, nodes: list[Tensor], first: int, s: int) -> Tensor:
+    def adams(x_s: Tensor, nodes: list[Tensor], first: int, s: int, w: float = 1.0) -> Tensor:
         """`_interpolant_step` from ts[s] to ts[s + 1] through m at ts[first:first + len]."""
         lam_nodes = lam_host[first : first + len(nodes)]
         return _interpolant_step(
@@ -229,6 +239,7 @@ def _multistep(
             (gamma[s], sigma[s]),
             (gamma[s + 1], sigma[s + 1]),
             prediction,
+            w,
         )
 
     for i, (t_prev, t) in steps(ts):
@@ -241,7 +252,7 @@ def _multistep(
             k = min(k, n - i + final_jump)
         x_prev = x
         if k > 2 or prediction == "noise":
-            x = adams(x, history[-k:], i - k + 1, i)
+            x = adams(x, history[-k:], i - k + 1, i, d2_weight)
         else:
             x = _multistep_update(
                 x, history[-k:], lam[i - k + 1 : i + 2], sigma[i], sigma[i + 1], gamma[i + 1]
@@ -270,6 +281,7 @@ def dpm_solver_pp(
     prediction: str = "data",
     to_zero: bool = False,
     final_jump: bool = False,
+    d2_weight: float = 1.0,
     callback: Callback | None = None,
 ) -> Tensor:
     """DPM-Solver++ with data prediction over the grid ts (default: uniform in log-SNR).
@@ -282,7 +294,9 @@ def dpm_solver_pp(
     that a first-order jump to sigma = 0 follows (`sample`'s Tweedie step) and counts it as the
     last of them, so the grid's own last step keeps order 2 instead of falling to DDIM. 3M
     weighs its second divided difference by the Taylor coefficient (see `_interpolant_step`), so
-    it is third order where the reference's and diffusers' 3M are second order.
+    it is third order where the reference's and diffusers' 3M are second order; d2_weight=0.5
+    (in [0, 1], multistep only) is theirs: with lower_order_final=False on diffusers'
+    timesteps, diffusers' 3M step for step.
     method="singlestep" (2S, 3S): `order` evaluations per step at intermediate log-SNRs.
     order=1 is DDIM (eta = 0) in either method. NFE: steps (multistep) or order * steps.
     On the grid of diffusers' timesteps with lower_order_final=False, followed by
@@ -293,14 +307,17 @@ def dpm_solver_pp(
     check_choice("prediction", prediction, PREDICTIONS)
     check_choice("method", method, METHODS)
     _check_ends(to_zero, final_jump, prediction)
-    if method == "singlestep" and (prediction != "data" or to_zero or final_jump):
+    if not 0 <= d2_weight <= 1:  # also refuses NaN
+        raise ValueError(f"d2_weight must lie in [0, 1] (0.5: diffusers' 3M), got {d2_weight}")
+    if method == "singlestep" and (prediction != "data" or to_zero or final_jump or d2_weight != 1):
         raise ValueError(
-            "method='singlestep' takes data prediction only, without to_zero or final_jump"
+            "method='singlestep' takes data prediction only, without to_zero, final_jump or "
+            "d2_weight"
         )
     if method == "multistep":
         return _multistep(
             score_fn, sde, x, ts, order, lower_order_final, False, prediction, to_zero, callback,
-            final_jump,
+            final_jump, d2_weight,
         )  # fmt: skip
     for i, (t_prev, t) in steps(ts):
         x = _singlestep_update(score_fn, sde, x, t_prev, t, order)

@@ -119,6 +119,7 @@ class Candidate:
     grid: str  # a kind of `grids.GRIDS`
     end: str  # one of ENDS
     order: int = 3  # of the predictor; UniC adds one
+    d2_weight: float = 1.0  # of the predictor's curvature term (`expint._interpolant_step`)
 
     @property
     def denoise(self) -> bool:
@@ -135,6 +136,8 @@ class Candidate:
             params["to_zero"] = True
         if self.denoise:  # the Tweedie step is the last, first-order step
             params["final_jump"] = True
+        if self.d2_weight != 1:
+            params["d2_weight"] = self.d2_weight
         return params
 
     def fits(self, steps: int) -> bool:
@@ -151,16 +154,20 @@ class Candidate:
     @property
     def label(self) -> str:
         name = f"{self.solver} order {self.order}"
+        if self.d2_weight != 1:
+            name += f", D2 x{self.d2_weight:g}"
         return f"{name} ({self.prediction}, {self.grid} grid, end {self.end})"
 
 
 #: the family the pilot chooses from: predictor or predictor-corrector of order 2 or 3, on each
 #: grid kind, either interpolating eps to t_min (with or without the step to sigma = 0) or x0
-#: with a Tweedie jump of half or a full step
+#: with a Tweedie jump of half or a full step; the third-order predictor also with half its
+#: curvature term, the 3M of the reference DPM-Solver, diffusers and k-diffusion
 CANDIDATES = tuple(
-    Candidate(solver, prediction, grid, end, order)
+    Candidate(solver, prediction, grid, end, order, d2_weight)
     for solver in ("dpm_solver", "unipc")
-    for order in (2, 3)
+    for order, d2_weight in ((2, 1.0), (3, 1.0), (3, 0.5))
+    if solver == "dpm_solver" or d2_weight == 1
     for prediction, end in (
         ("noise", "t_min"),
         ("noise", "zero"),
