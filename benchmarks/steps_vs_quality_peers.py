@@ -2,9 +2,9 @@
 all their sensible settings, driven through any score_fn(x, t) on any of the package's SDEs.
 
 Every peer is `run(score_fn, sde, x_T, steps, seed) -> (samples, counted NFE)` on the SDEs that
-its `applies` accepts, so the oracle
-suite (steps_vs_quality.py) and the trained networks (steps_vs_quality_trained.py) hand them the
-very score function our own solvers get, and budgets are matched on counted evaluations.
+its `applies` accepts, so the oracle suite (steps_vs_quality.py) and the trained networks
+(steps_vs_quality_trained.py) hand them the very score function our own solvers get, and budgets
+are matched on counted evaluations.
 
 - diffusers: the scheduler runs on the SDE's DDPM betas (a DiscreteVPSDE's own, or the continuous
   schedule discretised on N = 1000 steps, `VPFamilySDE.discretize`); its eps-model at timestep k
@@ -48,7 +48,7 @@ from sde_diffusion.solvers import sample
 TRAIN_STEPS = 1000
 #: on SDEs without betas (VE, sub-VP: noise level 1e-4 at t_min, where the VP family has
 #: 0.006-0.03), the sigma-grid peers also end at EDM's default sigma_min and at 0.01 (VE's own
-#: sigma_min): a user of those samplers would
+#: sigma_min), the ends a user of those samplers would pick
 SIGMA_MINS = (0.002, 0.01)
 
 __all__ = [
