@@ -100,8 +100,8 @@ def test_diffusers_edm_dpmpp_2m_is_our_dpm_solver_2m_on_sdes_without_betas():
     levels (measured difference 4e-7)."""
     mix = GaussianMixture.ring(8, 4.0, 0.5)
     for sde in (VESDE(), SubVPSDE()):
-        ours_only = {p.label for p in peers.diffusers_peers() if p.applies(sde)}
-        assert ours_only and all("EDM" in label for label in ours_only)
+        runnable = {p.label for p in peers.diffusers_peers() if p.applies(sde)}
+        assert runnable and all("EDM" in label for label in runnable)
         z = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         x_T = sde.prior_std() * z
         edm = next(
