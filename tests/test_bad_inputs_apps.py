@@ -12,11 +12,14 @@ import pickle
 import sys
 
 import pytest
+import torch
 
 from sde_diffusion import apps
 
 PICKLE = "pickle"  # replaced by the path of a pickle file written in the test
 MISSING = "/nonexistent/step_00000001.safetensors"
+#: a CUDA index no machine has, so that the cases hold on a GPU machine too
+ABSENT_CUDA = f"cuda:{max(7, torch.cuda.device_count())}"
 
 # (id, argv after `sde-diffusion`, key words the one error line must hold)
 CASES = [
@@ -37,7 +40,11 @@ CASES = [
     ("sample-misspelt-key", ["sample", "solver.gird=edm"], ["solver.gird", "grid"]),
     ("sample-unknown-grid", ["sample", "solver.grid=cosine"], ["solver.grid", "log_snr", "tuned"]),
     ("sample-unknown-dtype", ["sample", "dtype=float16"], ["dtype", "float32, float64"]),
-    ("sample-cuda-absent", ["sample", "device=cuda"], ["device 'cuda' is not available", "cpu"]),
+    (
+        "sample-cuda-absent",
+        ["sample", f"device={ABSENT_CUDA}"],
+        [f"device '{ABSENT_CUDA}' is not available", "cpu"],
+    ),
     ("sample-unknown-device", ["sample", "device=tpu"], ["device 'tpu' is not a device", "cuda:N"]),
     ("sample-inpaint-2d", ["sample", "inpaint.mask=box"], ["'box' mask", "(C, H, W)", "(2,)"]),
     ("sample-inpaint-mask", ["sample", "inpaint.mask=circle"], ["inpaint.mask", "half, box"]),
@@ -69,7 +76,11 @@ CASES = [
     ("train-unknown-data", ["train", "data=mnist"], ["unknown data=mnist", "swiss_roll"]),
     ("train-steps-zero", ["train", "train.steps=0"], ["train.steps must be >= 1"]),
     ("train-lr-negative", ["train", "train.lr=-1"], ["train.lr", "> 0"]),
-    ("train-cuda-absent", ["train", "train.device=cuda"], ["train.device 'cuda' is not available"]),
+    (
+        "train-cuda-absent",
+        ["train", f"train.device={ABSENT_CUDA}"],
+        [f"train.device '{ABSENT_CUDA}' is not available"],
+    ),
     ("train-misspelt-key", ["train", "train.step=10"], ["train.step", "Did you mean"]),
 ]
 

@@ -13,6 +13,7 @@ from sde_diffusion.data import DataConfig, load_data
 from sde_diffusion.trainer import NonFiniteLossError, TrainConfig, Trainer, load_score_fn
 
 MLP = {"width": 32, "depth": 2, "embed_dim": 16}
+SMALL_UNET = {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "num_heads": 2}
 
 
 def _cfg(**kw) -> TrainConfig:
@@ -64,11 +65,21 @@ def test_ema_and_warmup_follow_their_formulas(toy, tmp_path):
         torch.testing.assert_close(e, 0.1 * b + 0.9 * p.detach())
 
 
-def test_exact_resume_on_cpu(toy, tmp_path):
-    sde = get_sde("vp")
-    full = Trainer("mlp", sde, toy, _cfg(), out_dir=tmp_path / "a", model_kwargs=MLP).fit()
-    part1 = Trainer("mlp", sde, toy, _cfg(steps=10), out_dir=tmp_path / "b", model_kwargs=MLP).fit()
-    resumed = Trainer("mlp", sde, toy, _cfg(resume=True), out_dir=tmp_path / "b", model_kwargs=MLP)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_exact_resume(toy, tmp_path, device):
+    """On CUDA the checkpoint also carries the device's generator state (rng/cuda)."""
+    sde, kw = get_sde("vp"), {"device": device}
+    full = Trainer("mlp", sde, toy, _cfg(**kw), out_dir=tmp_path / "a", model_kwargs=MLP).fit()
+    part1 = Trainer(
+        "mlp", sde, toy, _cfg(steps=10, **kw), out_dir=tmp_path / "b", model_kwargs=MLP
+    ).fit()
+    resumed = Trainer(
+        "mlp", sde, toy, _cfg(resume=True, **kw), out_dir=tmp_path / "b", model_kwargs=MLP
+    )
     part2 = resumed.fit()
     assert len(part1) == 10 and len(part2) == 10
     assert part1 + part2 == full  # bit for bit
@@ -148,6 +159,26 @@ def test_bf16_autocast_trains_with_finite_float32_losses(toy, tmp_path):
     losses = tr.fit()
     assert len(losses) == 10 and all(map(math.isfinite, losses))
     assert next(tr.model.parameters()).dtype == torch.float32  # master weights stay fp32
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("model", ["mlp", "unet"])
+def test_cuda_bf16_compiled_training_loads_on_cpu(tmp_path, model):
+    """The GPU options together (bf16 autocast, torch.compile); the checkpoint then serves as a
+    score_fn on a machine without CUDA, equal to the network on the GPU up to float32 rounding."""
+    name, kwargs = ("eight_gaussians", MLP) if model == "mlp" else ("digits", SMALL_UNET)
+    data = load_data(DataConfig(name=name, n=512))
+    cfg = _cfg(steps=10, device="cuda", precision="bf16", compile=True)
+    tr = Trainer(model, get_sde("vp"), data, cfg, out_dir=tmp_path, model_kwargs=kwargs)
+    losses = tr.fit()
+    assert len(losses) == 10 and all(map(math.isfinite, losses))
+    score_cpu, _, _ = load_score_fn(tr.last_checkpoint, device="cpu")
+    score_gpu, _, _ = load_score_fn(tr.last_checkpoint, device="cuda")
+    x, t = torch.randn(4, *data.shape), torch.full((4,), 0.3)
+    out = score_gpu(x.cuda(), t.cuda())
+    assert out.device.type == "cuda"
+    torch.testing.assert_close(out.cpu(), score_cpu(x, t), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(
