@@ -457,10 +457,7 @@ def test_interpolant_weights_integrate_the_lagrange_polynomial(past, with_t, h, 
     lambda_t = lambda_s + h."""
     u = sorted({0.0, *(p * h for p in past), *([h] if with_t else [])})
     assume(all(b - a > 1e-2 * h for a, b in itertools.pairwise(u)))
-    f64 = torch.float64
-    weights = _interpolant_weights(
-        torch.tensor(u, dtype=f64), torch.tensor(h, dtype=f64), prediction
-    )
+    weights = _interpolant_weights(u, h, prediction)
     sign = -1.0 if prediction == "data" else 1.0
     for i, u_i in enumerate(u):
         others = [u_j for u_j in u if u_j != u_i]

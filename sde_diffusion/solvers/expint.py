@@ -40,11 +40,26 @@ def _data_prediction(score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor) -> Tenso
     return (x + sigma * sigma * score_fn(x, at(t, x))) / gamma
 
 
-def _model_output(score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor, prediction: str) -> Tensor:
-    """What the multistep loop interpolates: x0 (data) or eps = -sigma_t score (noise)."""
+def _model_output(
+    score_fn: ScoreFn, x: Tensor, t: Tensor, marginal: tuple[float, float], prediction: str
+) -> Tensor:
+    """What the multistep loop interpolates at the grid time t, from the marginal (gamma, sigma)
+    there (host scalars): x0 = x / gamma + (sigma^2 / gamma) score (data) or eps = -sigma score
+    (noise)."""
+    gamma, sigma = marginal
+    score = score_fn(x, at(t, x))
     if prediction == "data":
-        return _data_prediction(score_fn, sde, x, t)
-    return -sde.marginal(t)[1] * score_fn(x, at(t, x))
+        return _combination([1 / gamma, sigma * sigma / gamma], [x, score])
+    return _combination([-sigma], [score])
+
+
+def _combination(weights: list[float], terms: list[Tensor]) -> Tensor:
+    """sum_i w_i terms_i, one kernel per term (the add fuses the multiply): on a GPU the
+    multistep loop is bound by kernel launches, not by arithmetic."""
+    out = terms[0] * weights[0]
+    for w, term in zip(weights[1:], terms[1:], strict=True):
+        out = out.add(term, alpha=w)
+    return out
 
 
 def _first_order(
@@ -55,12 +70,11 @@ def _first_order(
 
 
 def _interpolant_weights(
-    offsets: Tensor, h: Tensor, prediction: str = "data", d2_weight: float = 1.0
+    offsets: list[float], h: float, prediction: str = "data", d2_weight: float = 1.0
 ) -> list[float]:
     """Weights b with integral_0^h w(u) P(lambda_s + u) du = sum_i b_i m_i, where P is the
     polynomial through (lambda_s + offsets[i], m_i) (one offset is 0) and the kernel is
-    w(u) = e^{-(h-u)} for data prediction, e^{h-u} for noise prediction; offsets and h are
-    float64 on the host.
+    w(u) = e^{-(h-u)} for data prediction, e^{h-u} for noise prediction.
 
     Writing P(lambda_s + u) = sum_j c_j u^j / j! (c_j = P's j-th derivative at lambda_s, V c = m
     with the Vandermonde matrix V_ij = u_i^j / j!), the integral is sum_j psi_j c_j with, by parts,
@@ -68,16 +82,15 @@ def _interpolant_weights(
         data:   psi_j = integral_0^h e^{-(h-u)} u^j / j! du,  psi_0 = 1 - e^{-h},  psi_j = h^j / j! - psi_{j-1}
         noise:  psi_j = integral_0^h e^{h-u} u^j / j! du,     psi_0 = e^h - 1,     psi_j = psi_{j-1} - h^j / j!
 
-    so b solves V^T b = psi. Float64 because the psi_j cancel for small h; on the host, from a
-    grid converted once per run, so no step waits on the device. `d2_weight` scales psi_2, the
-    weight of the curvature c_2 (`_interpolant_step`).
+    so b solves V^T b = psi, in float64 because the psi_j cancel for small h. `d2_weight` scales
+    psi_2, the weight of the curvature c_2 (`_interpolant_step`).
     """
     if prediction == "data":
-        psi = [-torch.expm1(-h)]
+        psi = [-math.expm1(-h)]
         for j in range(1, len(offsets)):
             psi.append(h**j / math.factorial(j) - psi[-1])
     else:
-        psi = [torch.expm1(h)]
+        psi = [math.expm1(h)]
         for j in range(1, len(offsets)):
             psi.append(psi[-1] - h**j / math.factorial(j))
     if len(psi) > 2:
@@ -85,14 +98,17 @@ def _interpolant_weights(
     return _solve_transposed_vandermonde(offsets, psi)
 
 
-def _solve_transposed_vandermonde(offsets: Tensor, rhs: list[Tensor]) -> list[float]:
+def _solve_transposed_vandermonde(offsets: list[float], rhs: list[float]) -> list[float]:
     """b with V^T b = rhs, V_ij = offsets_i^j / j!: the weights that map values at the nodes to
     the functional sum_j rhs_j c_j of the interpolating polynomial's Taylor coefficients c."""
-    vandermonde = torch.stack([offsets**j / math.factorial(j) for j in range(len(offsets))], 1)
-    return torch.linalg.solve(vandermonde.T, torch.stack(rhs)).tolist()
+    powers = [[u**j / math.factorial(j) for u in offsets] for j in range(len(offsets))]
+    f64 = torch.float64
+    return torch.linalg.solve(
+        torch.tensor(powers, dtype=f64), torch.tensor(rhs, dtype=f64)
+    ).tolist()
 
 
-def _extrapolation_weights(offsets: Tensor, h: Tensor) -> list[float]:
+def _extrapolation_weights(offsets: list[float], h: float) -> list[float]:
     """Lagrange weights w with P(lambda_s + h) = sum_i w_i m_i for the polynomial P through
     (lambda_s + offsets[i], m_i): the functional is the value at h, rhs_j = h^j / j!."""
     return _solve_transposed_vandermonde(
@@ -103,17 +119,17 @@ def _extrapolation_weights(offsets: Tensor, h: Tensor) -> list[float]:
 def _interpolant_step(
     x: Tensor,
     m: list[Tensor],
-    lam: Tensor,
-    lam_s: Tensor,
-    lam_t: Tensor,
-    marginal_s: tuple[Tensor, Tensor],
-    marginal_t: tuple[Tensor, Tensor],
+    lam: list[float],
+    lam_s: float,
+    lam_t: float,
+    marginal_s: tuple[float, float],
+    marginal_t: tuple[float, float],
     prediction: str = "data",
     d2_weight: float = 1.0,
 ) -> Tensor:
     """From s to t, integrating exactly the polynomial in lambda through the model outputs m at
-    log-SNRs lam (host float64; an exponential Adams method, of order len(m)); marginal_s and
-    marginal_t are (gamma, sigma) at s and t. For x0 predictions (data):
+    log-SNRs lam (an exponential Adams method, of order len(m)); marginal_s and marginal_t are
+    (gamma, sigma) at s and t. For x0 predictions (data):
 
         x_t = (sigma_t / sigma_s) x_s + gamma_t integral_0^h e^{-(h-u)} P(lambda_s + u) du,
 
@@ -135,29 +151,31 @@ def _interpolant_step(
     the curvature that three coarse steps extrapolate can pay where few steps cross a fast
     change of x0 (the default's pilot tries both, `pilot.CANDIDATES`).
     """
-    b = _interpolant_weights(lam - lam_s, lam_t - lam_s, prediction, d2_weight)
-    integral = sum(b_i * m_i for b_i, m_i in zip(b, m, strict=True))
+    b = _interpolant_weights([lam_i - lam_s for lam_i in lam], lam_t - lam_s, prediction, d2_weight)
     (gam_s, sig_s), (gam_t, sig_t) = marginal_s, marginal_t
     if prediction == "data":
-        return (sig_t / sig_s) * x + gam_t * integral
-    return (gam_t / gam_s) * x - sig_t * integral
+        return _combination([sig_t / sig_s, *(gam_t * b_i for b_i in b)], [x, *m])
+    return _combination([gam_t / gam_s, *(-sig_t * b_i for b_i in b)], [x, *m])
 
 
 def _multistep_update(
-    x: Tensor, m: list[Tensor], lam: Tensor, sig_s: Tensor, sig_t: Tensor, gam_t: Tensor
+    x: Tensor, m: list[Tensor], lam: list[float], sig_s: float, sig_t: float, gam_t: float
 ) -> Tensor:
     """One multistep update of order k = len(m) <= 2 from t_{i-1} to t_i, as in the paper.
 
     m = [x0 at t_{i-k}, ..., x0 at t_{i-1}] (newest last), lam = lambda at [t_{i-k}, ..., t_i].
-    Order 1 is DDIM; order 2 is Algorithm 2 (2M): D = (1 + 1/(2 r)) m_{i-1} - 1/(2 r) m_{i-2},
-    r = h_{i-1} / h_i. Higher orders go through `_interpolant_step`.
+    Order 1 is DDIM, x_t = (sigma_t/sigma_s) x_s -
+    gamma_t (e^{-h} - 1) D with D = m_{i-1}; order 2 is Algorithm 2 (2M):
+    D = (1 + 1/(2 r)) m_{i-1} - 1/(2 r) m_{i-2}, r = h_{i-1} / h_i. Higher orders go through
+    `_interpolant_step`.
     """
     h = lam[-1] - lam[-2]
-    x_t = _first_order(x, m[-1], sig_s, sig_t, gam_t, h)
-    if len(m) == 1:
-        return x_t
-    d1_0 = (m[-1] - m[-2]) * h / (lam[-2] - lam[-3])
-    return x_t - (0.5 * gam_t * torch.expm1(-h)) * d1_0
+    d = [1.0]
+    if len(m) == 2:
+        r = (lam[-2] - lam[-3]) / h
+        d = [1 + 1 / (2 * r), -1 / (2 * r)]
+    c = -gam_t * math.expm1(-h)
+    return _combination([sig_t / sig_s, *(c * d_i for d_i in d)], [x, *reversed(m)])
 
 
 def _singlestep_update(
@@ -221,21 +239,23 @@ def _multistep(
     (`_interpolant_step`); the corrector integrates its polynomial exactly.
     """
     n = len(ts) - 1
-    lam = sde.log_snr(ts)
-    lam_host = sde.log_snr(ts.detach().cpu().double())  # for `_interpolant_weights`
-    gamma, sigma = sde.marginal(ts)
+    # every coefficient is a Python float (float64), from one copy of the grid per run: no step
+    # waits on the device, and none launches a kernel per scalar
+    ts_host = ts.detach().cpu().double()
+    lam = sde.log_snr(ts_host).tolist()
+    gamma, sigma = (v.tolist() for v in sde.marginal(ts_host))
     history: list[Tensor] = []
     x_prev, k = x, 0
 
     def adams(x_s: Tensor, nodes: list[Tensor], first: int, s: int, w: float = 1.0) -> Tensor:
         """`_interpolant_step` from ts[s] to ts[s + 1] through m at ts[first:first + len]."""
-        lam_nodes = lam_host[first : first + len(nodes)]
+        lam_nodes = lam[first : first + len(nodes)]
         return _interpolant_step(
             x_s,
             nodes,
             lam_nodes,
-            lam_host[s],
-            lam_host[s + 1],
+            lam[s],
+            lam[s + 1],
             (gamma[s], sigma[s]),
             (gamma[s + 1], sigma[s + 1]),
             prediction,
@@ -243,7 +263,7 @@ def _multistep(
         )
 
     for i, (t_prev, t) in steps(ts):
-        m = _model_output(score_fn, sde, x, t_prev, prediction)
+        m = _model_output(score_fn, x, t_prev, (gamma[i], sigma[i]), prediction)
         if corrector and i > 0:
             x = adams(x_prev, [*history[-k:], m], i - k, i - 1)
         history = [*history, m][-order:]
@@ -261,10 +281,10 @@ def _multistep(
             callback(i, t, x)
     if to_zero:
         w = _extrapolation_weights(
-            lam_host[n - k : n] - lam_host[n - 1], lam_host[n] - lam_host[n - 1]
+            [lam_i - lam[n - 1] for lam_i in lam[n - k : n]], lam[n] - lam[n - 1]
         )
-        eps = sum(w_i * m_i for w_i, m_i in zip(w, history[-k:], strict=True))
-        x = (x - sigma[n] * eps) / gamma[n]
+        eps_weights = [-sigma[n] / gamma[n] * w_i for w_i in w]
+        x = _combination([1 / gamma[n], *eps_weights], [x, *history[-k:]])
     return x
 
 
