@@ -164,10 +164,9 @@ def _multistep_update(
     """One multistep update of order k = len(m) <= 2 from t_{i-1} to t_i, as in the paper.
 
     m = [x0 at t_{i-k}, ..., x0 at t_{i-1}] (newest last), lam = lambda at [t_{i-k}, ..., t_i].
-    Order 1 is DDIM, x_t = (sigma_t/sigma_s) x_s -
-    gamma_t (e^{-h} - 1) D with D = m_{i-1}; order 2 is Algorithm 2 (2M):
-    D = (1 + 1/(2 r)) m_{i-1} - 1/(2 r) m_{i-2}, r = h_{i-1} / h_i. Higher orders go through
-    `_interpolant_step`.
+    Both orders step x_t = (sigma_t / sigma_s) x_s - gamma_t (e^{-h} - 1) D: order 1 (DDIM) with
+    D = m_{i-1}, order 2 (Algorithm 2, 2M) with D = (1 + 1/(2 r)) m_{i-1} - 1/(2 r) m_{i-2},
+    r = h_{i-1} / h_i. Higher orders go through `_interpolant_step`.
     """
     h = lam[-1] - lam[-2]
     d = [1.0]
