@@ -27,6 +27,17 @@ def dtype(request):
     return request.param
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test marked `gpu` is skipped, with one stated reason, where CUDA is absent: the
+    marker says what a test needs, and this is the one place that decides whether it runs."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (none on this machine; run pytest -m gpu on one)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)

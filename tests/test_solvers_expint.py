@@ -538,7 +538,6 @@ GPU_CASES = [
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(("name", "solver", "kw"), GPU_CASES)
 def test_cuda_matches_cpu(name, solver, kw):
     """Per-sample seeds draw the same noise on either device, so the results agree."""

@@ -365,8 +365,6 @@ def test_any_data_shape_and_dtype(run, dtype: torch.dtype) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("run", solver_runs(), ids=run_id)
 def test_every_solver_runs_on_cuda(run) -> None:
-    if not torch.cuda.is_available():
-        pytest.skip("CUDA is not available on this machine")
     name, params = run
     sde = get_sde("vp")
     kw = dict(params, solver=name, steps=8)

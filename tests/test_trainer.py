@@ -65,8 +65,7 @@ def test_ema_and_warmup_follow_their_formulas(toy, tmp_path):
         torch.testing.assert_close(e, 0.1 * b + 0.9 * p.detach())
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -162,7 +161,6 @@ def test_bf16_autocast_trains_with_finite_float32_losses(toy, tmp_path):
 
 
 @pytest.mark.gpu
-@needs_cuda
 @pytest.mark.parametrize("model", ["mlp", "unet"])
 def test_cuda_bf16_compiled_training_loads_on_cpu(tmp_path, model):
     """The GPU options together (bf16 autocast, torch.compile); the checkpoint then serves as a
