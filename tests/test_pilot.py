@@ -25,6 +25,7 @@ from sde_diffusion.solvers.pilot import (
     exact_flow,
     pilot_draws,
     run_candidate,
+    tweedie_step,
 )
 
 
@@ -38,14 +39,16 @@ def _gaussian(dim: int = 4, spread: float = 60.0, seed: int = 5) -> GaussianMixt
 
 @pytest.mark.parametrize("steps", [5, 10])
 def test_the_choice_is_the_candidate_closest_to_the_closed_form_flow(steps):
-    """Every candidate's distance to the exact x_0 of the same draws (the Gaussian's flow in
-    closed form, to t = 0), computed here independently of the pilot's dopri5 reference: the
-    pilot's errors agree with these to 10%, and its choice is within TIE of the closest (and
-    10% for the reference's own error), the candidate of least moment error among the ties.
-    A Gaussian's flow has no jump, so no candidate has a switch error."""
+    """Every candidate's distance to the exact reference of the same draws (the Gaussian's flow
+    in closed form to t_min, then the Tweedie step, as `exact_flow` ends), computed here
+    independently of the pilot's dopri5 reference: the pilot's errors agree with these to 10%,
+    and its choice is within TIE of the closest (and 10% for the reference's own error), the
+    candidate of least moment error among the ties. A Gaussian's flow has no jump, so no
+    candidate has a switch error."""
     mix, sde = _gaussian(), DiscreteVPSDE.ddpm()
     x_T = pilot_draws(sde, torch.zeros(1, 4, dtype=torch.float64), 128)
-    exact = mix.pf_ode_solution(x_T, float(sde.T), 0.0, sde)
+    t_min = torch.tensor(float(sde.t_min), dtype=torch.float64)
+    exact = tweedie_step(mix.score_fn(sde), sde, mix.pf_ode_solution(x_T, sde.T, t_min, sde), t_min)
     choice = choose(mix.score_fn(sde), sde, steps, x_T)
     closed = {}
     for c in (c for c in CANDIDATES if c.fits(steps)):

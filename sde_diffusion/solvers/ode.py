@@ -1,18 +1,22 @@
 """The probability-flow ODE dx/dt = f(t) x - g(t)^2 s(x, t) / 2 (math.md section 4), integrated
-by torchdiffeq with any of its methods."""
+by torchdiffeq with any of its methods, in t or in the log-SNR lambda."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
+from .._tensor import check_choice
 from ..sde import SDE, ScoreFn
 from ._registry import Callback, register
 
 ADAPTIVE_METHODS = ("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun")
+#: what the ODE is integrated in: t (the form above) or lambda = log(gamma / sigma)
+VARIABLES = ("t", "log_snr")
 
 
 @register("ode", grid_sets_nfe=False)
@@ -25,6 +29,7 @@ def probability_flow_ode(
     method: str = "dopri5",
     rtol: float = 1e-5,
     atol: float = 1e-5,
+    variable: str | None = None,
     options: Mapping[str, Any] | None = None,
     callback: Callback | None = None,
 ) -> Tensor:
@@ -33,21 +38,50 @@ def probability_flow_ode(
     Fixed-step methods (euler, midpoint, rk4, ...) step exactly on the grid ts; adaptive ones
     (dopri5, bosh3, ...) choose their own steps under rtol/atol and only report at the grid
     points. The NFE is whatever the method spends; `sample` counts it.
+
+    variable="log_snr" (the default for adaptive methods) integrates x_hat = x / gamma_t in
+    lambda = log(gamma_t / sigma_t), where the same ODE reads (EDM's form, Karras et al. 2022
+    eq. 4, with noise level e^{-lambda})
+
+        dx_hat / dlambda = (sigma_t^2 / gamma_t) s(gamma_t x_hat, t(lambda)),
+
+    whose right-hand side depends on the schedule only through the SNR: it is as smooth as the
+    data's score for every SDE. In t it carries beta(t), which for a discrete schedule
+    (`DiscreteVPSDE`: piecewise constant over its 1000 intervals) jumps at every interval, and an
+    adaptive step-size control crossing those jumps spends thousands of evaluations and still
+    misses (tests/test_solvers_verify.py). variable="t" (the default for fixed-step methods, whose
+    steps then fall on ts) integrates the form above. torchdiffeq's `options` (first_step, ...)
+    are in the variable integrated.
     """
-
-    def velocity(t: Tensor, x: Tensor) -> Tensor:
-        return sde.probability_flow_drift(x, t, score_fn)
-
+    adaptive = method in ADAPTIVE_METHODS
+    variable = variable or ("log_snr" if adaptive else "t")
+    check_choice("variable", variable, VARIABLES)
     opts = dict(options or {})
-    if method in ADAPTIVE_METHODS:
+    if variable == "t":
+        times, scale = ts, torch.ones_like(ts)
+
+        def velocity(t: Tensor, y: Tensor) -> Tensor:
+            return sde.probability_flow_drift(y, t, score_fn)
+
+    else:
+        times, scale = sde.log_snr(ts), sde.marginal(ts)[0]
+        # t(lambda) may round outside the grid at its ends, where the score is not defined
+        t_lo, t_hi = ts.min(), ts.max()
+
+        def velocity(lam: Tensor, y: Tensor) -> Tensor:
+            t = sde.t_from_log_snr(lam).clamp(t_lo, t_hi)
+            gamma, sigma = sde.marginal(t)
+            return (sigma * sigma / gamma) * score_fn(gamma * y, t.expand(y.shape[0]))
+
+    if adaptive:
         # adaptive steps may overshoot the last time and interpolate back, and torchdiffeq's
-        # first-step guess can be far larger than [t_end, T] where the velocity is nearly zero;
-        # times outside the score's domain are avoided by making the final time a point the
-        # solver must step to and starting with the grid's first interval
-        opts.setdefault("step_t", ts[-1:])
-        opts.setdefault("first_step", float(ts[0] - ts[1]))
-    path = odeint(velocity, x, ts, method=method, rtol=rtol, atol=atol, options=opts)
+        # first-step guess can be far larger than the whole interval where the velocity is
+        # nearly zero; times outside the score's domain are avoided by making the final time a
+        # point the solver must step to and starting with the grid's first interval
+        opts.setdefault("step_t", times[-1:])
+        opts.setdefault("first_step", float(abs(times[1] - times[0])))
+    path = odeint(velocity, x / scale[0], times, method=method, rtol=rtol, atol=atol, options=opts)
     if callback is not None:
         for i in range(1, len(ts)):
-            callback(i - 1, ts[i], path[i])
-    return path[-1]
+            callback(i - 1, ts[i], scale[i] * path[i])
+    return scale[-1] * path[-1]
