@@ -207,6 +207,21 @@ class SDE(ABC):
         score = score_fn(x, t.expand(x.shape[0]))
         return self.drift(x, t) - 0.5 * append_dims(self._g2(t), x.ndim) * score
 
+    def probability_flow_log_snr(self, x_hat: Tensor, lam: Tensor, score_fn: ScoreFn) -> Tensor:
+        """The same ODE for x_hat = x / gamma_t against lambda = log(gamma_t / sigma_t) (EDM's form,
+        Karras et al. 2022 eq. 4, at noise level e^{-lambda}): since d(x / gamma)/dt = -g^2 s / (2
+        gamma) and dlambda/dt = -g^2 / (2 sigma^2),
+
+            d x_hat / d lambda = (sigma_t^2 / gamma_t) s(gamma_t x_hat, t(lambda)),
+
+        which depends on the schedule only through the SNR: as smooth in lambda as the data's
+        score, where the drift in t carries beta(t) (piecewise constant for discrete betas).
+        lam: a scalar tensor; t(lambda) is clipped to [0, T], where an adaptive solver's first
+        probe may ask past the end."""
+        t = self.t_from_log_snr(lam).clamp(0, self.T)
+        gamma, sigma = self.marginal(t)
+        return (sigma * sigma / gamma) * score_fn(gamma * x_hat, t.expand(x_hat.shape[0]))
+
     @property
     def is_vp(self) -> bool:
         """True for schedules with gamma_t^2 + sigma_t^2 = 1 (the DDPM family)."""

@@ -14,7 +14,15 @@ from hypothesis import strategies as st
 from scipy.integrate import quad, solve_ivp
 from scipy.optimize import minimize_scalar
 
-from sde_diffusion import VESDE, VPSDE, CosineVPSDE, DiscreteVPSDE, SubVPSDE, get_sde
+from sde_diffusion import (
+    VESDE,
+    VPSDE,
+    CosineVPSDE,
+    DiscreteVPSDE,
+    GaussianMixture,
+    SubVPSDE,
+    get_sde,
+)
 
 F64 = torch.float64
 
@@ -158,6 +166,31 @@ def test_log_snr_is_strictly_decreasing_and_inverts(name, u):
     t0 = torch.tensor([1e-4 + u * (sde.T - 1e-4)], dtype=F64)
     back = sde.t_from_log_snr(sde.log_snr(t0))
     assert abs(back.item() - t0.item()) < 1e-6
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    name=st.sampled_from(["vp", "vp_cosine", "subvp", "ve", "ddpm"]),
+    u=st.floats(0.01, 0.99),
+    seed=st.integers(0, 2**16),
+)
+def test_probability_flow_in_log_snr_is_the_flow_in_t_rescaled(name, u, seed):
+    """d(x / gamma)/dlambda = (d(x / gamma)/dt) / (dlambda/dt): the flow in t, minus the drift's
+    f x (which only follows gamma), over gamma, divided by dlambda/dt = -g^2 / (2 sigma^2), here
+    by a central difference of log_snr (inside one interval of DDPM's piecewise-constant beta)."""
+    sde = get_sde(name)
+    t = torch.tensor(u * sde.T, dtype=F64)
+    if name == "ddpm":  # the middle of an interval, where beta(t) is constant
+        t = (torch.floor(t * 1000) + 0.5) / 1000
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    mix = GaussianMixture.random(2, 3, generator=torch.Generator().manual_seed(seed + 1))
+    score = mix.score_fn(sde)
+    gamma, _ = sde.marginal(t)
+    h = 1e-6 * sde.T
+    dlam_dt = (sde.log_snr(t + h) - sde.log_snr(t - h)) / (2 * h)
+    in_t = (sde.probability_flow_drift(x, t, score) - sde.f(t) * x) / gamma
+    in_lam = sde.probability_flow_log_snr(x / gamma, sde.log_snr(t), score)
+    torch.testing.assert_close(in_lam * dlam_dt, in_t, rtol=1e-6, atol=1e-8)
 
 
 def test_log_snr_matches_its_definition(any_sde):

@@ -3,7 +3,7 @@ by torchdiffeq with any of its methods, in t or in the log-SNR lambda."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -39,49 +39,47 @@ def probability_flow_ode(
     (dopri5, bosh3, ...) choose their own steps under rtol/atol and only report at the grid
     points. The NFE is whatever the method spends; `sample` counts it.
 
-    variable="log_snr" (the default for adaptive methods) integrates x_hat = x / gamma_t in
-    lambda = log(gamma_t / sigma_t), where the same ODE reads (EDM's form, Karras et al. 2022
-    eq. 4, with noise level e^{-lambda})
-
-        dx_hat / dlambda = (sigma_t^2 / gamma_t) s(gamma_t x_hat, t(lambda)),
-
-    whose right-hand side depends on the schedule only through the SNR: it is as smooth as the
-    data's score for every SDE. In t it carries beta(t), which for a discrete schedule
-    (`DiscreteVPSDE`: piecewise constant over its 1000 intervals) jumps at every interval, and an
-    adaptive step-size control crossing those jumps spends thousands of evaluations and still
-    misses (tests/test_solvers_verify.py). variable="t" (the default for fixed-step methods, whose
-    steps then fall on ts) integrates the form above. torchdiffeq's `options` (first_step, ...)
-    are in the variable integrated.
+    variable="log_snr" (the default for adaptive methods) integrates x / gamma_t in lambda =
+    log(gamma_t / sigma_t) (`SDE.probability_flow_log_snr`), where the right-hand side depends on
+    the schedule only through the SNR and is as smooth as the data's score on every SDE. In t it
+    carries beta(t), which for a discrete schedule (`DiscreteVPSDE`: piecewise constant over its
+    1000 intervals) jumps at every interval, and an adaptive step-size control crossing those
+    jumps spends thousands of evaluations and still misses (tests/test_solvers_verify.py).
+    variable="t" (the default for fixed-step methods, whose steps then fall on ts) integrates the
+    form above. torchdiffeq's `options` (first_step, ...) are in the variable integrated.
     """
     adaptive = method in ADAPTIVE_METHODS
-    variable = variable or ("log_snr" if adaptive else "t")
-    check_choice("variable", variable, VARIABLES)
-    opts = dict(options or {})
-    if variable == "t":
-        times, scale = ts, torch.ones_like(ts)
-
-        def velocity(t: Tensor, y: Tensor) -> Tensor:
-            return sde.probability_flow_drift(y, t, score_fn)
-
-    else:
-        times, scale = sde.log_snr(ts), sde.marginal(ts)[0]
-        # t(lambda) may round outside the grid at its ends, where the score is not defined
-        t_lo, t_hi = ts.min(), ts.max()
-
-        def velocity(lam: Tensor, y: Tensor) -> Tensor:
-            t = sde.t_from_log_snr(lam).clamp(t_lo, t_hi)
-            gamma, sigma = sde.marginal(t)
-            return (sigma * sigma / gamma) * score_fn(gamma * y, t.expand(y.shape[0]))
-
-    if adaptive:
-        # adaptive steps may overshoot the last time and interpolate back, and torchdiffeq's
-        # first-step guess can be far larger than the whole interval where the velocity is
-        # nearly zero; times outside the score's domain are avoided by making the final time a
-        # point the solver must step to and starting with the grid's first interval
-        opts.setdefault("step_t", times[-1:])
-        opts.setdefault("first_step", float(abs(times[1] - times[0])))
+    times, scale, velocity = flow_in(
+        variable or ("log_snr" if adaptive else "t"), sde, score_fn, ts
+    )
+    opts = adaptive_options(times, options) if adaptive else dict(options or {})
     path = odeint(velocity, x / scale[0], times, method=method, rtol=rtol, atol=atol, options=opts)
     if callback is not None:
         for i in range(1, len(ts)):
             callback(i - 1, ts[i], scale[i] * path[i])
     return scale[-1] * path[-1]
+
+
+def flow_in(
+    variable: str, sde: SDE, score_fn: ScoreFn, ts: Tensor
+) -> tuple[Tensor, Tensor, Callable[[Tensor, Tensor], Tensor]]:
+    """The probability-flow ODE in `variable` over the grid ts: its times there, the scale with
+    y = x / scale (1 in t, gamma_t in lambda) and the velocity dy / dtime (time, y)."""
+    check_choice("variable", variable, VARIABLES)
+    if variable == "t":
+        return ts, torch.ones_like(ts), lambda t, y: sde.probability_flow_drift(y, t, score_fn)
+    return (
+        sde.log_snr(ts),
+        sde.marginal(ts)[0],
+        lambda lam, y: sde.probability_flow_log_snr(y, lam, score_fn),
+    )
+
+
+def adaptive_options(times: Tensor, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """torchdiffeq options for an adaptive method over `times` (the caller's take precedence):
+    adaptive steps may overshoot the last time and interpolate back, and torchdiffeq's first-step
+    guess probes beyond the interval where the velocity is nearly zero; times outside the score's
+    domain are avoided by making the last time a point the solver must step to and starting with
+    the first interval."""
+    first = {"step_t": times[-1:], "first_step": float(abs(times[1] - times[0]))}
+    return {**first, **(options or {})}
