@@ -208,6 +208,8 @@ def test_ddpm_rejects_non_vp_sdes(name):
         ("dpm_solver", {"method": "singlestep", "d2_weight": 0.5}, "final_jump or d2_weight"),
         ("dpm_solver", {"d2_weight": 1.5}, r"d2_weight must lie in \[0, 1\]"),
         ("dpm_solver", {"d2_weight": float("nan")}, r"d2_weight must lie in \[0, 1\].*nan"),
+        ("unipc", {"first_corrector": "bh1"}, r"first_corrector 'bh1'.*exact, bh2"),
+        ("unipc", {"first_corrector": "bh2", "prediction": "noise"}, "bh2' needs prediction='data"),
     ],
 )
 def test_bad_parameters(solver, params, match):
@@ -371,6 +373,7 @@ ORDER_CASES = [
     ("unipc", {"order": 1}, 2),
     ("unipc", {"order": 2}, 3),
     ("unipc", {"order": 3}, 4),
+    ("unipc", {"order": 2, "first_corrector": "bh2"}, 3),  # its O(h^3) error, once
     ("dpm_solver", {"order": 2, "prediction": "noise"}, 2),
     ("dpm_solver", {"order": 3, "prediction": "noise"}, 3),
     ("unipc", {"order": 2, "prediction": "noise"}, 3),

@@ -29,8 +29,11 @@ ORDERS = (1, 2, 3)
 PREDICTIONS = ("data", "noise")
 #: grids with fewer steps than this take lower orders at their last steps (lower_order_final)
 LOWER_ORDER_FINAL_BELOW = 15
+#: UniPC's first corrector, the one step with a single past output: the line through both ends
+#: integrated exactly, or the paper's UniC-1 with B(h) = e^h - 1 and a_1 = 1/2 (diffusers' "bh2")
+FIRST_CORRECTORS = ("exact", "bh2")
 
-__all__ = ["METHODS", "ORDERS", "PREDICTIONS", "dpm_solver_pp", "unipc"]
+__all__ = ["FIRST_CORRECTORS", "METHODS", "ORDERS", "PREDICTIONS", "dpm_solver_pp", "unipc"]
 
 
 def _data_prediction(score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor) -> Tensor:
@@ -220,6 +223,7 @@ def _multistep(
     callback: Callback | None,
     final_jump: bool = False,
     d2_weight: float = 1.0,
+    first_corrector: str = "exact",
 ) -> Tensor:
     """The multistep loop shared by DPM-Solver++ (predictor only) and UniPC (with corrector).
 
@@ -231,7 +235,8 @@ def _multistep(
     as the last step, as in diffusers' final_sigmas_type="zero". With `corrector`, that same
     evaluation first corrects x_i: the step from t_{i-1} is redone through the polynomial that
     also passes through the new x0 (one more node, one more order, no extra evaluation), while
-    the uncorrected output stays in the history.
+    the uncorrected output stays in the history. `first_corrector="bh2"` takes the paper's
+    weight for the first correction instead (`unipc`).
     With `to_zero` (noise prediction), a last step from the grid's end to sigma = 0 that evaluates
     nothing: the first-order step x_0 = (x - sigma eps) / gamma with eps the last step's own
     polynomial extrapolated to the grid's end. `d2_weight` scales the predictor's curvature term
@@ -263,7 +268,13 @@ def _multistep(
 
     for i, (t_prev, t) in steps(ts):
         m = _model_output(score_fn, x, t_prev, (gamma[i], sigma[i]), prediction)
-        if corrector and i > 0:
+        if corrector and k == 1 and first_corrector == "bh2":
+            # UniC-1, x0 weighted 1/2 at both ends: the 2M update with the new node r = -1 ahead
+            x = _multistep_update(
+                x_prev, [m, history[-1]], [lam[i], lam[i - 1], lam[i]], sigma[i - 1], sigma[i],
+                gamma[i],
+            )  # fmt: skip
+        elif corrector and i > 0:
             x = adams(x_prev, [*history[-k:], m], i - k, i - 1)
         history = [*history, m][-order:]
         k = min(order, i + 1)
@@ -357,6 +368,7 @@ def unipc(
     prediction: str = "data",
     to_zero: bool = False,
     final_jump: bool = False,
+    first_corrector: str = "exact",
     callback: Callback | None = None,
 ) -> Tensor:
     """UniPC (Zhao et al. 2023, "UniPC: A unified predictor-corrector framework for fast sampling
@@ -367,8 +379,13 @@ def unipc(
     the step into x_i through one more interpolation node (see `_multistep`); the last step has
     no evaluation after it and stays uncorrected. The paper's coefficients a solve R_p(h) a =
     phi(h) / B(h); solved exactly, B(h) drops out of B(h) a and the corrector integrates the
-    interpolating polynomial exactly, which is what `_interpolant_step` does at every order
-    (diffusers fixes a = 1/2 at order 1 instead, equal to leading order). order=3 (the paper's
+    interpolating polynomial exactly, which is what `_interpolant_step` does at every order.
+    At order 1 (the first correction, with one past output) the paper and diffusers fix
+    a_1 = 1/2 instead, with B(h) = e^h - 1 (diffusers' default "bh2"): the correction weighs x0
+    at both ends by 1/2 (1 - e^{-h}) where the exact line gives them 1 - phi_2 and phi_2 - 1 -
+    phi_1 (`_interpolant_step`); equal to leading order in h, it damps the new output over a
+    long first step. `first_corrector="bh2"` (data prediction) takes it; the default's pilot
+    tries both (`pilot.CANDIDATES`). order=3 (the paper's
     choice for unconditional sampling) measured best at 10-20 evaluations on the oracle
     mixtures of benchmarks/steps_vs_quality.py; order 2 suits guided sampling. NFE: steps.
     lower_order_final and final_jump as in `dpm_solver_pp`: with both, on diffusers' timesteps
@@ -377,10 +394,13 @@ def unipc(
     """
     _check_order(order)
     check_choice("prediction", prediction, PREDICTIONS)
+    check_choice("first_corrector", first_corrector, FIRST_CORRECTORS)
     _check_ends(to_zero, final_jump, prediction)
+    if first_corrector == "bh2" and prediction != "data":
+        raise ValueError("first_corrector='bh2' needs prediction='data'")
     return _multistep(
         score_fn, sde, x, ts, order, lower_order_final, True, prediction, to_zero, callback,
-        final_jump,
+        final_jump, first_corrector=first_corrector,
     )  # fmt: skip
 
 

@@ -120,6 +120,7 @@ class Candidate:
     end: str  # one of ENDS
     order: int = 3  # of the predictor; UniC adds one
     d2_weight: float = 1.0  # of the predictor's curvature term (`expint._interpolant_step`)
+    first_corrector: str = "exact"  # UniPC's, `expint.FIRST_CORRECTORS`
 
     @property
     def denoise(self) -> bool:
@@ -138,6 +139,8 @@ class Candidate:
             params["final_jump"] = True
         if self.d2_weight != 1:
             params["d2_weight"] = self.d2_weight
+        if self.first_corrector != "exact":
+            params["first_corrector"] = self.first_corrector
         return params
 
     def fits(self, steps: int) -> bool:
@@ -156,15 +159,18 @@ class Candidate:
         name = f"{self.solver} order {self.order}"
         if self.d2_weight != 1:
             name += f", D2 x{self.d2_weight:g}"
+        if self.first_corrector != "exact":
+            name += f", UniC-1 {self.first_corrector}"
         return f"{name} ({self.prediction}, {self.grid} grid, end {self.end})"
 
 
 #: the family the pilot chooses from: predictor or predictor-corrector of order 2 or 3, on each
 #: grid kind, either interpolating eps to t_min (with or without the step to sigma = 0) or x0
 #: with a Tweedie jump of half or a full step; the third-order predictor also with half its
-#: curvature term, the 3M of the reference DPM-Solver, diffusers and k-diffusion
+#: curvature term, the 3M of the reference DPM-Solver, diffusers and k-diffusion; UniPC on x0
+#: also with the paper's first corrector, diffusers' UniPC
 CANDIDATES = tuple(
-    Candidate(solver, prediction, grid, end, order, d2_weight)
+    Candidate(solver, prediction, grid, end, order, d2_weight, first_corrector)
     for solver in ("dpm_solver", "unipc")
     for order, d2_weight in ((2, 1.0), (3, 1.0), (3, 0.5))
     if solver == "dpm_solver" or d2_weight == 1
@@ -174,6 +180,8 @@ CANDIDATES = tuple(
         ("data", "tweedie"),
         ("data", "trailing"),
     )
+    for first_corrector in ("exact", "bh2")
+    if first_corrector == "exact" or (solver, prediction) == ("unipc", "data")
     for grid in GRIDS
 )
 
