@@ -435,6 +435,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tuning_log: dict = {}
     tuned_method = tuned(tuning_log) if args.tuned else None
 
+    header = ["problem, schedule", "error", *(f"NFE {b}: ours / best peer" for b in NFES),
+              f"NFE 20 / NFE {FLOOR_NFE}"]  # fmt: skip
     start, cache, all_records, summary, text = time.perf_counter(), {}, [], [], []
     for name, build in suite.items():
         for schedule in schedules:
@@ -445,18 +447,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             if tuned_method is not None:
                 records += [evaluate(problem, tuned_method, b, cache) for b in NFES]
             all_records += records
-            summary.append(summary_row(problem, records, default.label))
+            rows = [summary_row(problem, records, default.label)]
             if tuned_method is not None:
-                summary.append(summary_row(problem, records, tuned_method.label))
-                summary[-1][0] += " (tuned grid)"
+                rows.append(summary_row(problem, records, tuned_method.label))
+                rows[-1][0] += " (tuned grid)"
+            summary += rows
             section = [f"### {problem.name}, {problem.schedule} schedule ({problem.metric})",
                        detail_table(records)]  # fmt: skip
             print("\n\n".join(section) + "\n", flush=True)
-            print("| " + " | ".join(summary[-1]) + " |", flush=True)
+            print(md_table(header, rows), flush=True)
             text += section
     elapsed = time.perf_counter() - start
-    header = ["problem, schedule", "error", *(f"NFE {b}: ours / best peer" for b in NFES),
-              f"NFE 20 / NFE {FLOOR_NFE}"]  # fmt: skip
     table = md_table(header, summary)
     tuning = [
         f"{p}, {s}, {steps} steps: {fit.nfe} evaluations, {secs:.0f} s"
