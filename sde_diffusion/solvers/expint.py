@@ -382,12 +382,13 @@ def unipc(
     interpolating polynomial exactly, which is what `_interpolant_step` does at every order.
     At order 1 (the first correction, with one past output) the paper and diffusers fix
     a_1 = 1/2 instead, with B(h) = e^h - 1 (diffusers' default "bh2"): the correction weighs x0
-    at both ends by 1/2 (1 - e^{-h}) where the exact line gives them 1 - phi_2 and phi_2 - 1 -
-    phi_1 (`_interpolant_step`); equal to leading order in h, it damps the new output over a
-    long first step. `first_corrector="bh2"` (data prediction) takes it; the default's pilot
-    tries both (`pilot.CANDIDATES`). order=3 (the paper's
-    choice for unconditional sampling) measured best at 10-20 evaluations on the oracle
-    mixtures of benchmarks/steps_vs_quality.py; order 2 suits guided sampling. NFE: steps.
+    at both ends by -phi_1 / 2 = (1 - e^{-h}) / 2, where the exact line gives the new one phi_2
+    and the old one -phi_1 - phi_2 (`_interpolant_step`): equal to leading order in h, it
+    damps the new output over a long first step (at h = 2: 0.43 against 0.57).
+    `first_corrector="bh2"` (data prediction) takes it; the default's pilot tries both
+    (`pilot.CANDIDATES`). order=3 (the paper's choice for unconditional sampling) measured
+    best at 10-20 evaluations on the oracle mixtures of benchmarks/steps_vs_quality.py; order 2
+    suits guided sampling. NFE: steps.
     lower_order_final and final_jump as in `dpm_solver_pp`: with both, on diffusers' timesteps
     and followed by `sample(denoise=True)`, this is diffusers' UniPCMultistepScheduler at fewer
     than 15 steps (tests/test_few_step_defaults.py).
