@@ -110,6 +110,36 @@ def test_switch_error_is_the_mass_between_two_boundaries_times_the_squared_jump(
     assert shift / 3 > LADDER[0] and shift < LADDER[-1]
 
 
+def test_the_tie_margin_leaves_out_the_switch_floor():
+    """Two candidates 1.0 and 1.3 above a shared switch floor of 10: counted in the margin the
+    floor would tie them (the second has the better moments); left out, the closer wins."""
+    errors, switches = {"a": 11.0, "b": 11.3}, {"a": 10.0, "b": 10.0}
+    moments = {"a": 2.0, "b": 1.0}.__getitem__
+    assert decide(errors, switches, moments) == "b"
+    assert decide(errors, switches, moments, floor=10.0) == "a"
+
+
+def test_on_two_narrow_modes_no_candidate_resolves_a_miss_and_the_floor_is_no_tie():
+    """Modes at +-3 with std 0.05 (3-D, VP, 10 steps): most candidates, the closest among
+    them, meet the flow's jump between them within the first rung, so their switch error is the
+    arcs' floor, which exceeds the closest candidate's distance itself; the choice lies within TIE of the closest in
+    distance (before the floor left the margin, every candidate was a tie and the moments chose
+    one 2.1x as far from the flow at 20 steps under DDPM)."""
+    means = torch.zeros(2, 3, dtype=torch.float64)
+    means[:, 0] = torch.tensor([3.0, -3.0], dtype=torch.float64)
+    mix = GaussianMixture(torch.full((2,), 0.5, dtype=torch.float64), means,
+                          torch.full((2, 3), 0.0025, dtype=torch.float64))  # fmt: skip
+    sde = VPSDE()
+    choice = choose(mix.score_fn(sde), sde, 10, pilot_draws(sde, torch.zeros(1, 3).double(), 64))
+    floor = choice.boundaries.floor
+    at_floor = {c for c, e in choice.switches.items() if e == pytest.approx(floor, rel=1e-12)}
+    assert len(choice.boundaries) >= 8 and len(at_floor) > len(choice.switches) / 2
+    closest = min(choice.errors, key=choice.errors.__getitem__)
+    assert closest in at_floor and choice.candidate in at_floor
+    assert choice.errors[closest] - floor < floor
+    assert choice.error - floor <= TIE * (choice.errors[closest] - floor)
+
+
 def test_a_smooth_flow_has_no_boundaries_and_a_sampler_no_switch_error():
     sde = VPSDE()
     boundaries = Boundaries.find(lambda x: 2 * x + x**3, sde, torch.zeros(1, 3), 32)

@@ -233,6 +233,16 @@ class Boundaries:
     def __len__(self) -> int:
         return len(self.theta)
 
+    @property
+    def floor(self) -> float:
+        """The switch error of a sampler that meets every jump within LADDER[0], where the
+        flow's own jump is known to (HALVINGS): what the arcs cannot resolve, the same for every
+        candidate that close."""
+        if not len(self):
+            return 0.0
+        jump2 = _distance(self.below, self.above) ** 2
+        return float((LADDER[0] / 2 * jump2).sum()) / (math.pi / 2) / self.arcs
+
     def switch_error(self, run: Callable[[Tensor], Tensor]) -> float:
         """What the draws `run` (a batch map x_T -> x_0) sends across a jump of the flow add to
         its mean squared distance to the flow, per prior draw: over every arc, the angle between
@@ -427,16 +437,24 @@ def choose(
             errors[c] = flow_error(samples, reference, boundaries) + switches[c]
             moments[c] = moment_error(samples)
             bar.update(1)
-    best = decide(errors, switches, moments.__getitem__)
+    best = decide(errors, switches, moments.__getitem__, boundaries.floor if boundaries else 0.0)
     return PilotChoice(best, errors, moments, checked.nfe, evaluations, switches, boundaries)
 
 
-def decide(errors: dict[K, float], switches: dict[K, float], moments: Callable[[K], float]) -> K:
+def decide(
+    errors: dict[K, float],
+    switches: dict[K, float],
+    moments: Callable[[K], float],
+    floor: float = 0.0,
+) -> K:
     """The key of the smallest error (distance plus switch error) or, among those within TIE of
     it, the one of the smallest `moments` (asked of those only). The moments cannot see
-    switches: a tie's switch error may not exceed the closest's by the tie margin."""
+    switches: a tie's switch error may not exceed the closest's by the tie margin. The margin
+    leaves out the switch errors' `floor` (`Boundaries.floor`): on well separated modes every
+    candidate may meet the flow's jumps that closely, and that shared floor, exact for none,
+    can exceed the distances themselves and make every candidate a tie."""
     closest = min(errors, key=errors.__getitem__)
-    margin = (TIE - 1) * errors[closest]
+    margin = (TIE - 1) * (errors[closest] - floor)
     ties = [
         k
         for k in errors

@@ -278,7 +278,8 @@ def tune_grid(
             held[i] = run(th, held_x, held_ref) + jumps[i]
         moment_error = MomentError(reference)
         no_worse = {i: e for i, e in held.items() if e <= held[0]}  # than the start
-        i = decide(no_worse, jumps, lambda i: moment_error(samples(grids[i][1], x_T)))
+        floor = boundaries.floor if boundaries else 0.0
+        i = decide(no_worse, jumps, lambda i: moment_error(samples(grids[i][1], x_T)), floor)
         (fit_error, theta), held_error, switches = grids[i], held[i], jumps[i]
         start_held, start_switches = held[0], jumps[0]
     else:
