@@ -3,6 +3,7 @@ suite of exact-score problems.
 
     python benchmarks/steps_vs_quality.py --tuned      # the full suite (29 minutes, 1 thread)
     python benchmarks/steps_vs_quality.py --holdout --tuned  # the held-out problems (33 minutes)
+    python benchmarks/steps_vs_quality.py --third --tuned    # a third set (25 minutes)
     python benchmarks/steps_vs_quality.py --quick      # three problems, two schedules (1 minute)
 
 Peers (benchmarks/steps_vs_quality_peers.py): diffusers' DPM-Solver++ (2M, 3M), UniPC, DEIS,
@@ -45,7 +46,8 @@ and our error at NFE 20 against our own at NFE 1000 (the floor). The default's p
 and their cost are printed; "default without pilot" is `pilot=0`, the fixed configuration. With
 --tuned, `tune_grid(..., None, ...)` picks and fits the default's configuration to each problem
 at each budget (pilot draws independent of x_T) and those rows are compared too, with what each
-fit cost. --holdout runs problems that no choice of the default was made on instead.
+fit cost. --holdout runs problems that no choice of the default was made on instead, --third a
+third set, added once both were in place (the pilot's switch floor was found on it).
 """
 
 from __future__ import annotations
@@ -152,6 +154,46 @@ def holdout() -> dict[str, Callable[[], GaussianMixture]]:
         "scale mixture 4-D (1e-4..3)": lambda: scale_mixture(4, 21, (1e-4, 3e-3, 0.1, 3.0)),
         "2-D grid of 25": grid_of_points,
         "ring in R^8 (off-plane 1e-3)": lambda: low_dimensional(8, 9, 1e-3),
+    }
+
+
+def narrow_modes(dim: int = 3, distance: float = 6.0, std: float = 0.05) -> GaussianMixture:
+    """Two equal isotropic modes of `std`, `distance` apart along the first axis."""
+    means = torch.zeros(2, dim, dtype=torch.float64)
+    means[:, 0] = torch.tensor([distance / 2, -distance / 2], dtype=torch.float64)
+    covs = torch.full((2, dim), std**2, dtype=torch.float64)
+    return GaussianMixture(torch.full((2,), 0.5, dtype=torch.float64), means, covs)
+
+
+def unequal_mixture(dim: int = 10, seed: int = 303) -> GaussianMixture:
+    """Three full-covariance components (eigenvalues 0.01 to 0.5, random rotations) with weights
+    0.6, 0.3 and 0.1 at random means of scale 2."""
+    g = torch.Generator().manual_seed(seed)
+    means = 2.0 * torch.randn(3, dim, generator=g, dtype=torch.float64)
+    d = torch.logspace(-2, math.log10(0.5), dim, dtype=torch.float64)
+    covs = []
+    for _ in range(3):
+        u = _rotation(dim, g)
+        covs.append(u @ torch.diag(d) @ u.T)
+    weights = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)
+    return GaussianMixture(weights, means, torch.stack(covs))
+
+
+def off_centre(seed: int = 404) -> GaussianMixture:
+    """A 2-D Gaussian at (3, -2), variances 0.05 and 0.5 along a random rotation: the prior's
+    bias gamma_T mu sets a floor for every sampler."""
+    u = _rotation(2, torch.Generator().manual_seed(seed))
+    cov = u @ torch.diag(torch.tensor([0.05, 0.5], dtype=torch.float64)) @ u.T
+    return GaussianMixture.gaussian(torch.tensor([3.0, -2.0], dtype=torch.float64), cov)
+
+
+def third() -> dict[str, Callable[[], GaussianMixture]]:
+    """A third set (`--third`), added once the suite and the held-out set were in place."""
+    return {
+        "Gaussian 12-D (1000x)": lambda: anisotropic(12, 1000.0, 77),
+        "Gaussian 2-D off-centre": off_centre,
+        "10-D mixture of 3 (unequal)": unequal_mixture,
+        "3-D two narrow modes": narrow_modes,
     }
 
 
@@ -392,6 +434,12 @@ def detail_table(records: Sequence[dict]) -> str:
     return md_table(["sampler \\ NFE", *map(str, budgets)], rows)
 
 
+def problem_set(args: argparse.Namespace) -> dict[str, Callable[[], GaussianMixture]]:
+    if args.holdout:
+        return holdout()
+    return third() if args.third else problems(args.quick)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 problems x 2 schedules")
@@ -399,7 +447,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--problems", nargs="+", default=None, help="names containing these")
     parser.add_argument("--peers", nargs="+", default=None, help="peer labels containing these")
     parser.add_argument("--tuned", action="store_true", help="also tune_grid rows (slow)")
-    parser.add_argument("--holdout", action="store_true", help="the held-out problems instead")
+    chosen = parser.add_mutually_exclusive_group()
+    chosen.add_argument("--holdout", action="store_true", help="the held-out problems instead")
+    chosen.add_argument("--third", action="store_true", help="the third set instead")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--mix-samples",
@@ -429,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         peers = [p for p in peers if any(k in p.label for k in args.peers)]
     suite = {
         k: v
-        for k, v in (holdout() if args.holdout else problems(args.quick)).items()
+        for k, v in problem_set(args).items()
         if args.problems is None or any(name in k for name in args.problems)
     }
     tuning_log: dict = {}
@@ -468,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     md = [
         "# Steps against quality: the default sampler against every peer, exact-score "
-        + ("held-out problems" if args.holdout else "suite"),
+        + ("held-out problems" if args.holdout else "third set" if args.third else "suite"),
         f"Regenerate with `{command.strip()}` ({elapsed:.0f} s, {args.threads} torch thread(s)). "
         "Errors: exact KL for the Gaussians, sliced W2 to the exact flow of the same x_T for the "
         "mixtures. Ratios below 1: our default beats the best peer setting at that NFE.",
@@ -485,7 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         *text,
     ]
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "steps_vs_quality_holdout" if args.holdout else "steps_vs_quality"
+    stem = "steps_vs_quality" + ("_holdout" if args.holdout else "_third" if args.third else "")
     extra = [s for s in schedules if s not in SUITE_SCHEDULES]
     if extra:  # schedules outside the suite's get files of their own
         stem += "_" + "_".join(extra)
