@@ -167,8 +167,8 @@ class Candidate:
 #: the family the pilot chooses from: predictor or predictor-corrector of order 2 or 3, on each
 #: grid kind, either interpolating eps to t_min (with or without the step to sigma = 0) or x0
 #: with a Tweedie jump of half or a full step; the third-order predictor also with half its
-#: curvature term, the 3M of the reference DPM-Solver, diffusers and k-diffusion; UniPC on x0
-#: also with the paper's first corrector, diffusers' UniPC
+#: curvature term, the 3M of the reference DPM-Solver, diffusers and k-diffusion; UniPC with the
+#: trailing end also with the paper's first corrector: diffusers' UniPC, on each grid kind
 CANDIDATES = tuple(
     Candidate(solver, prediction, grid, end, order, d2_weight, first_corrector)
     for solver in ("dpm_solver", "unipc")
@@ -181,7 +181,7 @@ CANDIDATES = tuple(
         ("data", "trailing"),
     )
     for first_corrector in ("exact", "bh2")
-    if first_corrector == "exact" or (solver, prediction) == ("unipc", "data")
+    if first_corrector == "exact" or (solver, end) == ("unipc", "trailing")
     for grid in GRIDS
 )
 
