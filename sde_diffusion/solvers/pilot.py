@@ -1,10 +1,11 @@
 """The default sampler's pilot: for one score function and budget, the configuration whose samples
 come closest to the exact probability-flow map on a batch of prior draws.
 
-At 5-20 evaluations a deterministic sampler's error is decided by five choices: the grid (where the
-steps go in log-SNR), the end (stop at t_min, take the polynomial's own step to sigma = 0, or a
+At 5-20 evaluations a deterministic sampler's error is decided by a few choices: the grid (where
+the steps go in log-SNR), the end (stop at t_min, take the polynomial's own step to sigma = 0, or a
 Tweedie jump from half or a full step above 0), the interpolated output (x0 or eps), the order of
-the polynomial (2 or 3) and whether UniPC's corrector runs. Which combination is best depends on the
+the polynomial (2 or 3), whether UniPC's corrector runs and how it weighs its first correction,
+and the weight of the third-order curvature term. Which combination is best depends on the
 data, not on the schedule alone: on the problem suite of benchmarks/steps_vs_quality.py no single
 one comes within 1.5x of the best peer setting on every problem at NFE 5-20, while the best of them
 beats it on almost all. The error that matters is the distance to the flow map x_T -> x_0 that every
