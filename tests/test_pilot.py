@@ -122,9 +122,9 @@ def test_the_tie_margin_leaves_out_the_switch_floor():
 def test_on_two_narrow_modes_no_candidate_resolves_a_miss_and_the_floor_is_no_tie():
     """Modes at +-3 with std 0.05 (3-D, VP, 10 steps): most candidates, the closest among
     them, meet the flow's jump between them within the first rung, so their switch error is the
-    arcs' floor, which exceeds the closest candidate's distance itself; the choice lies within TIE of the closest in
-    distance (before the floor left the margin, every candidate was a tie and the moments chose
-    one 2.1x as far from the flow at 20 steps under DDPM)."""
+    arcs' floor, which exceeds the closest candidate's distance itself; the choice lies within
+    TIE of the closest in distance (with the floor in the margin, here 2.1x: every candidate was
+    a tie and the moments chose)."""
     means = torch.zeros(2, 3, dtype=torch.float64)
     means[:, 0] = torch.tensor([3.0, -3.0], dtype=torch.float64)
     mix = GaussianMixture(torch.full((2,), 0.5, dtype=torch.float64), means,
