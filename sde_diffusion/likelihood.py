@@ -9,11 +9,12 @@ integrated forward from x_eps = x to x_T = z with the augmented state [x, delta_
 methods integrate in the log-SNR instead (solvers/ode.py: smooth on discrete betas, where the form
 in t is not), x_hat = x / gamma_t against lambda, whose density gains D log gamma_t:
 
-    log p_eps(x) = log p_T(z) + D log(gamma_T / gamma_eps) + integral_{lambda_eps}^{lambda_T} div_x_hat v dlambda.
+    log p_eps(x) = log p_T(z) + D log(gamma_T / gamma_eps)
+                   + integral_{lambda_eps}^{lambda_T} div_x_hat v dlambda.
 
-With an
-exact score this is exact for log p at the start time t_eps (not at 0), and exact for log p_T only
-when `prior_logp` is the true p_T: the SDE's prior N(0, prior_std^2 I) is an approximation of p_T.
+With an exact score this is exact for log p at the start time t_eps (not at 0), and exact for
+log p_T only when `prior_logp` is the true p_T: the SDE's prior N(0, prior_std^2 I) is an
+approximation of p_T.
 
 DDPM variational bound (Ho et al. 2020; math.md section 5), for the chain of `sde.discretize(N)`:
 

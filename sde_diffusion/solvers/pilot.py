@@ -238,11 +238,8 @@ class Boundaries:
     def floor(self) -> float:
         """The switch error of a sampler that meets every jump within LADDER[0], where the
         flow's own jump is known to (HALVINGS): what the arcs cannot resolve, the same for every
-        candidate that close."""
-        if not len(self):
-            return 0.0
-        jump2 = _distance(self.below, self.above) ** 2
-        return float((LADDER[0] / 2 * jump2).sum()) / (math.pi / 2) / self.arcs
+        candidate that close (`switch_error`'s miss below the first rung)."""
+        return self._per_prior_draw(torch.full_like(self.theta, LADDER[0] / 2))
 
     def switch_error(self, run: Callable[[Tensor], Tensor]) -> float:
         """What the draws `run` (a batch map x_T -> x_0) sends across a jump of the flow add to
@@ -267,6 +264,11 @@ class Boundaries:
         upper = ladder[lo.clamp(max=len(LADDER) - 1)]
         lower = torch.where(lo > 0, ladder[(lo - 1).clamp(min=0)], upper / 4)
         miss = torch.where(lo < len(LADDER), (lower * upper).sqrt(), ladder[-1])
+        return self._per_prior_draw(miss)
+
+    def _per_prior_draw(self, miss: Tensor) -> float:
+        """What misses of `miss` rad at the jumps add to the mean squared distance per prior
+        draw: each times its squared jump, over a quarter turn, averaged over all the arcs."""
         jump2 = _distance(self.below, self.above) ** 2
         return float((miss * jump2).sum()) / (math.pi / 2) / self.arcs
 
