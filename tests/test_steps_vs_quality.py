@@ -127,3 +127,28 @@ def test_more_mixture_draws_extend_the_default_ones():
     n = bench.MIX_SAMPLES
     assert more.z.shape[0] == n + 200 and torch.equal(more.z[:n], base.z)
     torch.testing.assert_close(more.flow[:n], base.flow, rtol=0, atol=1e-3)
+
+
+def test_fresh_draws_remeasure_each_budgets_best_peer_and_ours():
+    """The re-measure runs, at each budget, the peer setting that was best on the problem's own
+    draws and our method, on new draws of x_T with their own exact flow, through the same score
+    function (so the default's pilot, cached on it, does not run again)."""
+    problem = bench.make_problem("ring", GaussianMixture.ring(8, 4.0, 0.5), "ddpm")
+    wanted = ("diffusers: DDIM trailing", "diffusers: DPM++2M lu")
+    runs = [bench.from_peer(p) for p in peers.diffusers_peers() if p.label in wanted]
+    mine = [bench.ours("unipc noise", solver="unipc", prediction="noise")]
+    cache: dict = {}
+    records = [bench.evaluate(problem, m, b, cache) for m in runs + mine for b in bench.NFES]
+    fresh = problem.redrawn(300, seed=1)
+    assert fresh.score_fn is problem.score_fn and fresh.sde is problem.sde
+    assert fresh.z.shape == (300, 2) and not torch.equal(fresh.z[:300], problem.z[:300])
+    # the judge is coupled to the fresh draws: their flow scores 0, the old draws' flow (the same
+    # law, other draws) scores its sampling noise
+    assert float(fresh._judge(fresh.flow)) < 1e-12 < 1e-3 < float(fresh._judge(problem.flow[:300]))
+    again = bench.remeasure(fresh, records, mine, runs, cache)
+    for b in bench.NFES:
+        best = min((r for r in records if r["budget"] == b and r["solver"] in wanted),
+                   key=lambda r: r["error"])  # fmt: skip
+        cell = {r["solver"] for r in again if r["budget"] == b}
+        assert cell == {best["solver"], mine[0].label}
+        assert all(r["error"] is not None for r in again)
