@@ -152,3 +152,19 @@ def test_fresh_draws_remeasure_each_budgets_best_peer_and_ours():
         cell = {r["solver"] for r in again if r["budget"] == b}
         assert cell == {best["solver"], mine[0].label}
         assert all(r["error"] is not None for r in again)
+
+
+def test_trained_fresh_table_takes_the_best_peer_of_the_first_draw():
+    """The trained benchmark's re-measure picks, per budget and metric, the peer that was least
+    on the first draw (not on the fresh one), and runs it and ours on the steps found there."""
+    trained = _load("steps_vs_quality_trained")
+    level = {"ours: default": 1.0, "a": 2.0, "b": 3.0}
+    runs = {
+        k: (lambda x_T, steps, v=v: (x_T * 0 + v + steps / 1000, steps)) for k, v in level.items()
+    }
+    values = {("ours: default", 5): ([9.0], 5), ("a", 5): ([0.5], 4), ("b", 5): ([0.7], 5),
+              ("ours: default", 10): ([9.0], 10), ("a", 10): ([0.9], 9), ("b", 10): ([0.2], 10)}  # fmt: skip
+    (table,) = trained.remeasure(runs, values, [5, 10], ["m"], lambda x: [float(x.mean())],
+                                 torch.zeros(4, 2))  # fmt: skip
+    rows = table.splitlines()[2:]
+    assert rows == ["| 5 | 1.005 | 2.004 (a) | 0.50 |", "| 10 | 1.01 | 3.01 (b) | 0.34 |"]
