@@ -74,7 +74,14 @@ from sde_diffusion.sde import ScoreFn
 from sde_diffusion.solvers import sample, tune_grid
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from steps_vs_quality_peers import Peer, diffusers_peers, k_diffusion_peers, steps_for_budget
+from steps_vs_quality_peers import (
+    FRESH_SEED,
+    X_T_SEED,
+    Peer,
+    diffusers_peers,
+    k_diffusion_peers,
+    steps_for_budget,
+)
 
 NFES, FLOOR_NFE = (5, 10, 20), 1000
 SCHEDULES: dict[str, Callable[[], SDE]] = {
@@ -89,8 +96,8 @@ SCHEDULES: dict[str, Callable[[], SDE]] = {
 SUITE_SCHEDULES = ("ddpm", "vp", "cosine")
 FLOW_TOL = 1e-7  # of the exact flow: dopri5 in the log-SNR (solvers/ode.py)
 MIX_SAMPLES, GAUSS_SAMPLES, PROJECTIONS = 1000, 4000, 256
-#: mixtures: the draws (and their seed) on which each cell's best peer is measured once more
-FRESH_SAMPLES, FRESH_SEED = 4000, 1
+#: mixtures: the draws on which each cell's best peer is measured once more
+FRESH_SAMPLES = 4000
 #: tuned grids: pilot draws, trial grids, and the tolerance of the pilot's exact flow (tight,
 #: since at 20 steps the default comes within tune_grid's own REFERENCE_TOL of it)
 PILOT, TRIALS, TUNE_TOL = 256, 200, 1e-8
@@ -286,7 +293,8 @@ def make_problem(
     name: str, mixture: GaussianMixture, schedule: str, mix_samples: int = MIX_SAMPLES
 ) -> Problem:
     n = GAUSS_SAMPLES if mixture.num_components == 1 else mix_samples
-    problem = Problem(name, schedule, mixture, SCHEDULES[schedule](), _normal(n, mixture.dim, 0))
+    z = _normal(n, mixture.dim, X_T_SEED)
+    problem = Problem(name, schedule, mixture, SCHEDULES[schedule](), z)
     if not problem.gaussian:
         problem.solve_flow()
     return problem

@@ -51,6 +51,8 @@ from sde_diffusion.solvers import SOLVERS, sample
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from steps_vs_quality_peers import (
+    FRESH_SEED,
+    X_T_SEED,
     diffusers_peers,
     k_diffusion_peers,
     solver_steps,
@@ -58,7 +60,6 @@ from steps_vs_quality_peers import (
 )
 
 PEER_NFE = (5, 10, 20, 50)
-FRESH_SEED = 1  # of the x_T on which each budget's best peer is measured once more
 TRIM = 0.99
 
 NFE = (5, 10, 20, 50, 100, 250, 1000)
@@ -104,7 +105,7 @@ def peer_table(ckpt: str, nfes: list[int], n: int, out: Path) -> str:
         g = torch.Generator().manual_seed(seed)
         return sde.prior_std() * torch.randn(n, *data.shape, generator=g)
 
-    x_T, fresh = prior(0), prior(FRESH_SEED)
+    x_T, fresh = prior(X_T_SEED), prior(FRESH_SEED)
     images = x_T.ndim == 4
 
     def metrics(x: Tensor, x_T: Tensor) -> list[float]:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from sde_diffusion import VESDE, DiscreteVPSDE, GaussianMixture, SubVPSDE
+from sde_diffusion import VESDE, VPSDE, DiscreteVPSDE, GaussianMixture, SubVPSDE
 from sde_diffusion.solvers import sample
+from sde_diffusion.solvers.pilot import PILOT_SEED, pilot_draws
 
 HERE = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -139,7 +140,7 @@ def test_fresh_draws_remeasure_each_budgets_best_peer_and_ours():
     mine = [bench.ours("unipc noise", solver="unipc", prediction="noise")]
     cache: dict = {}
     records = [bench.evaluate(problem, m, b, cache) for m in runs + mine for b in bench.NFES]
-    fresh = problem.redrawn(300, seed=1)
+    fresh = problem.redrawn(300, seed=bench.FRESH_SEED)
     assert fresh.score_fn is problem.score_fn and fresh.sde is problem.sde
     assert fresh.z.shape == (300, 2) and not torch.equal(fresh.z[:300], problem.z[:300])
     # the judge is coupled to the fresh draws: their flow scores 0, the old draws' flow (the same
@@ -168,3 +169,16 @@ def test_trained_fresh_table_takes_the_best_peer_of_the_first_draw():
                                  torch.zeros(4, 2))  # fmt: skip
     rows = table.splitlines()[2:]
     assert rows == ["| 5 | 1.005 | 2.004 (a) | 0.50 |", "| 10 | 1.01 | 3.01 (b) | 0.34 |"]
+
+
+def test_benchmark_draws_are_not_the_pilots_nor_the_noise():
+    """The default's pilot draws prior samples from its own seeds. Were the benchmark's x_T (or
+    its fresh draws) those samples, the default would be judged on the draws it was chosen on;
+    were they the stochastic samplers' first noise (seed 0), the two would be correlated."""
+    dim, n = 16, 4000
+    pilot = torch.cat([pilot_draws(VPSDE(), torch.zeros(1, dim, dtype=torch.float64), 256, s)
+                       for s in (PILOT_SEED, PILOT_SEED + 1)])  # fmt: skip
+    noise = torch.randn(n, dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for seed in (bench.X_T_SEED, bench.FRESH_SEED):
+        z = bench._normal(n, dim, seed)
+        assert torch.cdist(z, pilot).min() > 0.1 and torch.cdist(z, noise).min() > 0.1
