@@ -51,10 +51,10 @@ TRAIN_STEPS = 1000
 #: sigma_min), the ends a user of those samplers would pick
 SIGMA_MINS = (0.002, 0.01)
 #: the benchmarks' seeds for x_T and for the fresh draws that re-measure each best peer, apart
-#: from every other seed there: the default's pilot draws from PILOT_SEED and PILOT_SEED + 1
-#: (on its own draws the default would be judged where it was chosen), the stochastic samplers'
-#: noise from 0 (x_T equal to the first noise would correlate the two), the problems and
-#: tune_grid's pilots from seeds below 2000
+#: from every other seed there: the default's pilot (pilot.PILOT_SEED and the next; on its own
+#: draws the default would be judged where it was chosen), the stochastic samplers' noise (0:
+#: x_T equal to the first noise would correlate the two), the problems and tune_grid's pilots
+#: (below 2000)
 X_T_SEED, FRESH_SEED = 7001, 7002
 
 __all__ = [
