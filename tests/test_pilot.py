@@ -25,6 +25,7 @@ from sde_diffusion.solvers.pilot import (
     exact_flow,
     pilot_draws,
     run_candidate,
+    shared_misses,
     tweedie_step,
 )
 
@@ -65,18 +66,22 @@ def test_the_choice_is_the_candidate_closest_to_the_closed_form_flow(steps):
 
 def test_on_a_multimodal_target_the_error_adds_the_switch_error_and_ties_must_not_switch_more():
     """A ring of narrow modes: its flow jumps on most arcs. Each candidate's error is its mean
-    squared distance to the flow on the draws but its TRIM farthest (recomputed here) plus its
-    switch error; the choice is within TIE of the closest and switches at most the tie margin
-    more."""
+    squared distance to the flow on the draws (recomputed here) but the shared misses, those
+    that every candidate sends at least half the flow's smallest jump away, and its TRIM
+    farthest, plus its switch error; the choice is within TIE of the closest and switches at
+    most the tie margin more."""
     mix, sde = GaussianMixture.ring(k=8, radius=4.0, std=0.3), VPSDE()
     score = mix.score_fn(sde)
     x_T = pilot_draws(sde, torch.zeros(1, 2, dtype=torch.float64), 64)
     choice = choose(score, sde, 6, x_T)
     assert len(choice.boundaries) >= 8
     reference = exact_flow(score, sde, x_T)
+    outputs = {c: run_candidate(score, sde, x_T, c, c.grid_for(sde, 6)) for c in choice.errors}
+    dist = {c: (x - reference).pow(2).sum(1) for c, x in outputs.items()}
+    jumps = (choice.boundaries.above - choice.boundaries.below).pow(2).sum(1)
+    shared = torch.stack(list(dist.values())).min(0).values >= jumps.min() / 4
     for c, err in choice.errors.items():
-        x = run_candidate(score, sde, x_T, c, c.grid_for(sde, 6))
-        d2 = sorted((x - reference).pow(2).sum(1).tolist())
+        d2 = sorted(dist[c][~shared].tolist())
         assert d2[-1] > d2[-TRIM - 1]  # so leaving out the farthest changes the mean
         on_draws = sum(d2[:-TRIM]) / (len(d2) - TRIM)
         assert err == pytest.approx(on_draws + choice.switches[c], rel=1e-9), c.label
@@ -284,3 +289,15 @@ def test_a_switch_on_one_pilot_draw_is_left_to_the_arcs():
         x = run_candidate(score, sde, x_T, c, c.grid_for(sde, 20))
         untrimmed[c] = float((x - reference).pow(2).sum(1).mean()) + choice.switches[c]
     assert untrimmed[third] > TIE * untrimmed[second]  # the whole mean would choose order 2
+
+
+def test_shared_misses_are_the_draws_every_finite_candidate_sends_half_the_smallest_jump_away():
+    """Jumps of 4 and 6: a draw is a shared miss when each candidate's squared distance there is
+    at least (4 / 2)^2 = 4; a diverged candidate has no say, and without jumps nothing is."""
+    zero = torch.zeros(2, 3, dtype=torch.float64)
+    above = torch.tensor([[4.0, 0, 0], [0, 6.0, 0]], dtype=torch.float64)
+    jumps = Boundaries(2, zero, zero, torch.zeros(2, dtype=torch.float64), zero, above)
+    d2 = [torch.tensor([4.0, 9.0, 0.1, 5.0]), torch.tensor([5.0, 3.9, 0.2, 4.0]),
+          torch.tensor([float("inf"), 0.0, 0.0, 0.0])]  # fmt: skip
+    assert shared_misses(d2, jumps).tolist() == [True, False, False, True]
+    assert not shared_misses(d2, None).any()
