@@ -304,9 +304,9 @@ class PilotChoice:
     """What `choose` returns: the chosen candidate, every candidate's error (mean
     squared distance per pilot sample to the exact flow, without the shared misses and the
     TRIM farthest where the flow jumps, plus its switch error across the jumps `boundaries`
-    found; inf where it diverged), switch error (`Boundaries.switch_error`) and moment error (`MomentError`), the
-    score calls spent (nfe, on batches of draws) and the single-sample evaluations they made
-    (evaluations), the reference flow's included."""
+    found; inf where it diverged), switch error (`Boundaries.switch_error`) and moment error
+    (`MomentError`), the score calls spent (nfe, on batches of draws) and the single-sample
+    evaluations they made (evaluations), the reference flow's included."""
 
     candidate: Candidate
     errors: dict[Candidate, float]
@@ -354,10 +354,10 @@ def tweedie_step(score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor) -> Tensor:
 def flow_error(x: Tensor, reference: Tensor, boundaries: Boundaries | None = None) -> float:
     """Mean squared distance per sample (inf when x is not finite); where `boundaries` found
     jumps of the flow, without the TRIM farthest samples, whose switches the arcs count."""
-    return trimmed_mean(_distance(x, reference) ** 2, boundaries)
+    return _trimmed_mean(_distance(x, reference) ** 2, boundaries)
 
 
-def trimmed_mean(d2: Tensor, boundaries: Boundaries | None) -> float:
+def _trimmed_mean(d2: Tensor, boundaries: Boundaries | None) -> float:
     """`flow_error` of the squared distances d2."""
     if not bool(torch.isfinite(d2).all()):
         return math.inf
@@ -468,7 +468,7 @@ def choose(
             moments[c] = moment_error(samples)
             bar.update(1)
     kept = ~shared_misses(list(d2.values()), boundaries)
-    errors = {c: trimmed_mean(d2[c][kept], boundaries) + switches[c] for c in fitting}
+    errors = {c: _trimmed_mean(d2[c][kept], boundaries) + switches[c] for c in fitting}
     best = decide(errors, switches, moments.__getitem__, boundaries.floor if boundaries else 0.0)
     return PilotChoice(best, errors, moments, checked.nfe, evaluations, switches, boundaries)
 
