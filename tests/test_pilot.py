@@ -64,6 +64,28 @@ def test_the_choice_is_the_candidate_closest_to_the_closed_form_flow(steps):
     assert len(choice.boundaries) == 0 and set(choice.switches.values()) == {0.0}
 
 
+@pytest.mark.parametrize("sde", [DiscreteVPSDE.ddpm(), VPSDE()], ids=["ddpm", "vp"])
+def test_the_sigma_min_end_jumps_from_t_min_as_the_reference_does(sde):
+    """The "sigma_min" end: x0 interpolation on a grid to the schedule's t_min, one evaluation
+    fewer, then the Tweedie jump from there (Karras et al.'s ending, and `exact_flow`'s own).
+    On a Gaussian with a 1000x spread it converges to the closed-form flow to t_min followed by
+    that jump at third order or better in the step, while the half-step jump keeps the
+    collapse of the posterior mean at its start (first order in it)."""
+    mix = _gaussian(spread=1000.0)
+    score, t_min = mix.score_fn(sde), torch.tensor(float(sde.t_min), dtype=torch.float64)
+    x_T = pilot_draws(sde, torch.zeros(1, 4, dtype=torch.float64), 64)
+    exact = tweedie_step(score, sde, mix.pf_ode_solution(x_T, sde.T, t_min, sde), t_min)
+
+    def error(end: str, steps: int) -> float:
+        c = Candidate("unipc", "data", "log_snr", end)
+        ts = c.grid_for(sde, steps)
+        assert len(ts) == steps and (float(ts[-1]) == sde.t_min) == (end == "sigma_min")
+        return float((run_candidate(score, sde, x_T, c, ts) - exact).pow(2).sum(1).mean())
+
+    assert error("sigma_min", 20) > 8 * error("sigma_min", 40)
+    assert error("sigma_min", 40) < 1e-6 and error("tweedie", 40) > 100 * error("sigma_min", 40)
+
+
 def test_on_a_multimodal_target_the_error_adds_the_switch_error_and_ties_must_not_switch_more():
     """A ring of narrow modes: its flow jumps on most arcs. Each candidate's error is its mean
     squared distance to the flow on the draws (recomputed here) but the shared misses, those
@@ -293,7 +315,9 @@ def test_a_switch_on_one_pilot_draw_is_left_to_the_arcs():
 
 def test_shared_misses_are_the_draws_every_finite_candidate_sends_half_the_smallest_jump_away():
     """Jumps of 4 and 6: a draw is a shared miss when each candidate's squared distance there is
-    at least (4 / 2)^2 = 4; a diverged candidate has no say, and without jumps nothing is."""
+    at least (4 / 2)^2 = 4; a diverged candidate has no say, and without jumps, with a single
+    candidate or where every draw would be one, nothing is (a pilot of one candidate, such as
+    `tune_grid` or a narrow `grid=` may leave, must still have draws to measure it on)."""
     zero = torch.zeros(2, 3, dtype=torch.float64)
     above = torch.tensor([[4.0, 0, 0], [0, 6.0, 0]], dtype=torch.float64)
     jumps = Boundaries(2, zero, zero, torch.zeros(2, dtype=torch.float64), zero, above)
@@ -301,3 +325,5 @@ def test_shared_misses_are_the_draws_every_finite_candidate_sends_half_the_small
           torch.tensor([float("inf"), 0.0, 0.0, 0.0])]  # fmt: skip
     assert shared_misses(d2, jumps).tolist() == [True, False, False, True]
     assert not shared_misses(d2, None).any()
+    assert not shared_misses(d2[:1], jumps).any()  # one candidate: its misses are its own
+    assert not shared_misses([d + 4 for d in d2[:2]], jumps).any()  # all: nothing to compare on

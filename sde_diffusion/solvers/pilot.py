@@ -3,7 +3,7 @@ come closest to the exact probability-flow map on a batch of prior draws.
 
 At 5-20 evaluations a deterministic sampler's error is decided by a few choices: the grid (where
 the steps go in log-SNR), the end (stop at t_min, take the polynomial's own step to sigma = 0, or a
-Tweedie jump from half or a full step above 0), the interpolated output (x0 or eps), the order of
+Tweedie jump from half or a full step above 0 or from t_min), the interpolated output (x0 or eps), the order of
 the polynomial (2 or 3), whether UniPC's corrector runs and how it weighs its first correction,
 and the weight of the third-order curvature term. Which combination is best depends on the
 data, not on the schedule alone: on the problem suite of benchmarks/steps_vs_quality.py no single
@@ -112,10 +112,11 @@ RECENT = 4
 LADDER = tuple(1e-4 * 3.0**k for k in range(7))
 #: how a candidate's samples end: "t_min" (the grid's end), "zero" (the eps polynomial's own
 #: step to sigma = 0, no evaluation), "tweedie" and "trailing" (one step fewer, then
-#: x0 = E[x_0 | x_t] from `grids.final_time`: a jump of half an equal step, or of a full one)
-ENDS = ("t_min", "zero", "tweedie", "trailing")
-#: the share of an equal step that the Tweedie jump of each Tweedie end makes
-JUMP_SHARE = {"tweedie": 0.5, "trailing": 1.0}
+#: x0 = E[x_0 | x_t] from `grids.final_time`: a jump of half an equal step, or of a full one),
+#: "sigma_min" (one step fewer to t_min, then the jump from there: Karras et al.'s ending)
+ENDS = ("t_min", "zero", "tweedie", "trailing", "sigma_min")
+#: the share of an equal step that the Tweedie jump of each Tweedie end makes (None: from t_min)
+JUMP_SHARE = {"tweedie": 0.5, "trailing": 1.0, "sigma_min": None}
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,8 @@ class Candidate:
     def grid_for(self, sde: SDE, steps: int) -> Tensor:
         """Its grid for `steps` evaluations: the Tweedie step is one of them."""
         if self.denoise:
-            t_end = final_time(sde, steps - 1, JUMP_SHARE[self.end])
+            share = JUMP_SHARE[self.end]
+            t_end = None if share is None else final_time(sde, steps - 1, share)
             return time_grid(sde, steps - 1, self.grid, t_end=t_end)
         return time_grid(sde, steps, self.grid)
 
@@ -174,9 +176,12 @@ class Candidate:
 
 #: the family the pilot chooses from: predictor or predictor-corrector of order 2 or 3, on each
 #: grid kind, either interpolating eps to t_min (with or without the step to sigma = 0) or x0
-#: with a Tweedie jump of half or a full step; the third-order predictor also with half its
-#: curvature term, the 3M of the reference DPM-Solver, diffusers and k-diffusion; UniPC with the
-#: trailing end also with the paper's first corrector: diffusers' UniPC, on each grid kind
+#: with a Tweedie jump of half or a full step, or from t_min on the grids whose last step there
+#: is short in log-SNR (on one uniform or quadratic in t, an x0 step of many units of log-SNR is
+#: itself nearly the jump from its start: that end would repeat the trailing one); the
+#: third-order predictor also with half its curvature term, the 3M of the reference DPM-Solver,
+#: diffusers and k-diffusion; UniPC with the trailing end also with the paper's first
+#: corrector: diffusers' UniPC, on each grid kind
 CANDIDATES = tuple(
     Candidate(solver, prediction, grid, end, order, d2_weight, first_corrector)
     for solver in ("dpm_solver", "unipc")
@@ -187,10 +192,12 @@ CANDIDATES = tuple(
         ("noise", "zero"),
         ("data", "tweedie"),
         ("data", "trailing"),
+        ("data", "sigma_min"),
     )
     for first_corrector in ("exact", "bh2")
     if first_corrector == "exact" or (solver, end) == ("unipc", "trailing")
     for grid in GRIDS
+    if end != "sigma_min" or grid in ("log_snr", "edm")
 )
 
 
@@ -368,11 +375,14 @@ def _trimmed_mean(d2: Tensor, boundaries: Boundaries | None) -> float:
 def shared_misses(d2: Sequence[Tensor], boundaries: Boundaries | None) -> Tensor:
     """The draws that every candidate (of finite squared distances d2, one row per candidate)
     sends at least half the flow's smallest jump away: switches for all of them, which the arcs
-    count and the distances leave out. None where the flow does not jump."""
+    count and the distances leave out. None where the flow does not jump, where fewer than two
+    candidates are finite (a miss of one is not shared) or where every draw would be one."""
+    none = torch.zeros(len(d2[0]), dtype=torch.bool, device=d2[0].device)
     finite = [d for d in d2 if bool(torch.isfinite(d).all())]
-    if not (boundaries and finite):
-        return torch.zeros(len(d2[0]), dtype=torch.bool, device=d2[0].device)
-    return torch.stack(finite).min(0).values >= (boundaries.smallest_jump / 2) ** 2
+    if not (boundaries and len(finite) > 1):
+        return none
+    misses = torch.stack(finite).min(0).values >= (boundaries.smallest_jump / 2) ** 2
+    return none if bool(misses.all()) else misses
 
 
 class MomentError:

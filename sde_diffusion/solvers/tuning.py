@@ -216,14 +216,16 @@ def tune_grid(
             boundaries = Boundaries.find(flow, sde, x_T, BOUNDARY_ARCS)
             nfe += counted.nfe
     fit_x, fit_ref, held_x, held_ref = x_T[:kept], reference[:kept], x_T[kept:], reference[kept:]
-    pinned = not denoise
+    # a grid to t_min, with or without a Tweedie step after it, keeps that end; one of a single
+    # step there would leave nothing to move, so it keeps a sliver above its end instead
+    pinned = float(start[-1]) == float(sde.t_min) and len(start) > 2
     lam = sde.log_snr(start)
     lam_T = float(lam[0])
     lam_max = float(sde.log_snr(torch.tensor([float(sde.t_min)], dtype=torch.float64))[0])
     h = lam[1:] - lam[:-1]
     if pinned:  # the last step is the reference part
         theta0 = torch.log(h[:-1] / h[-1]).numpy()
-    else:  # a default grid that ends at t_min (VP from 500 steps) keeps a sliver above its end
+    else:
         theta0 = torch.log(h / max(lam_max - float(lam[-1]), 1e-6 * (lam_max - lam_T))).numpy()
     bar = tqdm(total=trials, desc=f"tuning {name}", disable=not progress, leave=False)
     errors: list[float] = []  # errors[0] is the start's: Nelder-Mead evaluates x0 first
