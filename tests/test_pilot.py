@@ -15,6 +15,7 @@ from sde_diffusion.solvers.pilot import (
     CANDIDATES,
     LADDER,
     PILOT_DRAWS,
+    SHARED_MISSES,
     TIE,
     TRIM,
     Boundaries,
@@ -316,14 +317,16 @@ def test_a_switch_on_one_pilot_draw_is_left_to_the_arcs():
 def test_shared_misses_are_the_draws_every_finite_candidate_sends_half_the_smallest_jump_away():
     """Jumps of 4 and 6: a draw is a shared miss when each candidate's squared distance there is
     at least (4 / 2)^2 = 4; a diverged candidate has no say, and without jumps, with a single
-    candidate or where every draw would be one, nothing is (a pilot of one candidate, such as
-    `tune_grid` or a narrow `grid=` may leave, must still have draws to measure it on)."""
+    candidate, or where more than SHARED_MISSES of the draws would be, nothing is."""
     zero = torch.zeros(2, 3, dtype=torch.float64)
     above = torch.tensor([[4.0, 0, 0], [0, 6.0, 0]], dtype=torch.float64)
     jumps = Boundaries(2, zero, zero, torch.zeros(2, dtype=torch.float64), zero, above)
     d2 = [torch.tensor([4.0, 9.0, 0.1, 5.0]), torch.tensor([5.0, 3.9, 0.2, 4.0]),
           torch.tensor([float("inf"), 0.0, 0.0, 0.0])]  # fmt: skip
-    assert shared_misses(d2, jumps).tolist() == [True, False, False, True]
+    d2 = [torch.cat([d, torch.zeros(28)]) for d in d2]  # 32 draws, the last 28 on the flow
+    assert 2 / 32 <= SHARED_MISSES < 3 / 32
+    assert shared_misses(d2, jumps).tolist() == [True, False, False, True] + [False] * 28
     assert not shared_misses(d2, None).any()
     assert not shared_misses(d2[:1], jumps).any()  # one candidate: its misses are its own
-    assert not shared_misses([d + 4 for d in d2[:2]], jumps).any()  # all: nothing to compare on
+    many = [d + 4 * torch.eye(32)[2] for d in d2]  # 3 of 32: jumps too small to tell switches
+    assert not shared_misses(many, jumps).any()
