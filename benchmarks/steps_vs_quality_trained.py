@@ -23,9 +23,10 @@ named solvers with their Tweedie step, and every peer of steps_vs_quality_peers.
 schedulers and, if installed, k-diffusion's samplers) at NFE 5, 10, 20, 50 on common x_T, and
 writes peers.md into --out: sliced W2 to held-out data for points, Frechet distance in the
 digits classifier's features for images, and each also to the network's own probability-flow
-map of the same x_T (solved accurately), which isolates the sampler's error. Budgets are matched on counted evaluations. Each
-budget's best peer setting and our default are then run once more from another draw of x_T:
-the least of some 37 values on one draw is biased low where the draw moves them.
+map of the same x_T (solved accurately), which isolates the sampler's error. Budgets are
+matched on counted evaluations. Each budget's best peer setting and our default are then run
+once more from another draw of x_T: the least of some 37 values on one draw is biased low where
+the draw moves them.
 
     python benchmarks/steps_vs_quality_trained.py --peers \\
         --ckpt outputs/swiss/checkpoints/step_00002000.safetensors --out outputs/bench_swiss

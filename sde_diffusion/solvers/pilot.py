@@ -1,19 +1,19 @@
 """The default sampler's pilot: for one score function and budget, the configuration whose samples
 come closest to the exact probability-flow map on a batch of prior draws.
 
-At 5-20 evaluations a deterministic sampler's error is decided by a few choices: the grid (where
-the steps go in log-SNR), the end (stop at t_min, take the polynomial's own step to sigma = 0, or a
-Tweedie jump from half or a full step above 0 or from t_min), the interpolated output (x0 or eps), the order of
-the polynomial (2 or 3), whether UniPC's corrector runs and how it weighs its first correction,
-and the weight of the third-order curvature term. Which combination is best depends on the
-data, not on the schedule alone: on the problem suite of benchmarks/steps_vs_quality.py no single
-one comes within 1.5x of the best peer setting on every problem at NFE 5-20, while the best of them
-beats it on almost all. The error that matters is the distance to the flow map x_T -> x_0 that every
-deterministic sampler approximates, and it can be measured: solve the flow accurately (adaptive
-dopri5) from a few hundred prior draws once, run every candidate from the same draws, keep the
-closest in mean squared distance. Candidates within TIE of the closest, which the pilot cannot tell
-apart, go to the one whose samples' mean and covariance match the flow's best (Gaussian KL in the
-flow's leading directions): squared distance weighs a direction by its absolute scale, so a
+At 5-20 evaluations a deterministic sampler's error is decided by a few choices: the grid (where the
+steps go in log-SNR), the end (stop at t_min, take the polynomial's own step to sigma = 0, or a
+Tweedie jump from half or a full step above 0 or from t_min), the interpolated output (x0 or eps),
+the order of the polynomial (2 or 3), whether UniPC's corrector runs and how it weighs its first
+correction, and the weight of the third-order curvature term. Which combination is best depends on
+the data, not on the schedule alone: on the problem suite of benchmarks/steps_vs_quality.py no
+single one comes within 1.5x of the best peer setting on every problem at NFE 5-20, while the best
+of them beats it on almost all. The error that matters is the distance to the flow map x_T -> x_0
+that every deterministic sampler approximates, and it can be measured: solve the flow accurately
+(adaptive dopri5) from a few hundred prior draws once, run every candidate from the same draws, keep
+the closest in mean squared distance. Candidates within TIE of the closest, which the pilot cannot
+tell apart, go to the one whose samples' mean and covariance match the flow's best (Gaussian KL in
+the flow's leading directions): squared distance weighs a direction by its absolute scale, so a
 collapsed or inflated small-variance direction (blur, in an image) barely moves it, while the KL
 weighs it relatively. That is the spirit of the optimised schedules of Watson et al. (2021), Sabour
 et al. ("Align Your Steps", 2024) and Xue et al. (2024), restricted to a finite family so that it
