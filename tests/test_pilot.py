@@ -128,13 +128,18 @@ def test_switch_error_is_the_mass_between_two_boundaries_times_the_squared_jump(
     """The flow jumps by 2 at x_1 = 0, the sampler at x_1 = shift: the draws in between
     (prior N(0, I) on VP) switch, so the mean squared distance they add is exactly
     4 (Phi(shift) - 1/2). On 256 arcs the estimate is within 35% of it (the LADDER measures
-    each arc's miss to a factor of 3^(1/2)); about half the arcs cross the hyperplane."""
+    each arc's miss to a factor of 3^(1/2)); about half the arcs cross the hyperplane. Each
+    arc's signed miss sends its draws towards -e_1 for a positive shift and towards +e_1 for a
+    negative one, whichever way the arc runs."""
     sde, step = VPSDE(), _step(dim)
     boundaries = Boundaries.find(step(0.0), sde, torch.zeros(1, dim, dtype=torch.float64), 256)
     assert 96 <= len(boundaries) <= 160
     exact = 4 * (0.5 * math.erfc(-shift / math.sqrt(2)) - 0.5)
     assert boundaries.switch_error(step(shift)) == pytest.approx(exact, rel=0.35)
     assert boundaries.switch_error(step(-shift)) == pytest.approx(exact, rel=0.35)
+    upwards = (boundaries.above - boundaries.below)[:, 0]  # +2 where the arc crosses to +e_1
+    assert bool((boundaries.misses(step(shift)) * upwards < 0).all())
+    assert bool((boundaries.misses(step(-shift)) * upwards > 0).all())
     assert shift / 3 > LADDER[0] and shift < LADDER[-1]
 
 

@@ -266,27 +266,31 @@ class Boundaries:
     def switch_error(self, run: Callable[[Tensor], Tensor]) -> float:
         """What the draws `run` (a batch map x_T -> x_0) sends across a jump of the flow add to
         its mean squared distance to the flow, per prior draw: over every arc, the angle between
-        the flow's jump and run's own (found on the LADDER by 3 bisections after one run at the
-        jump) times the squared jump, over a quarter turn. 0 where no arc jumps."""
-        if not len(self):
-            return 0.0
+        the flow's jump and run's own (`misses`) times the squared jump, over a quarter turn. 0
+        where no arc jumps."""
+        return self._per_prior_draw(self.misses(run).abs()) if len(self) else 0.0
+
+    def misses(self, run: Callable[[Tensor], Tensor]) -> Tensor:
+        """Per arc, the angle (rad) from the flow's jump to run's own, found on the LADDER by 3
+        bisections after one run at the jump: positive where run's jump lies below the flow's,
+        so that the draws in between go to the flow's upper side (`above`) instead of `below`."""
         ladder = torch.tensor(LADDER, dtype=torch.float64, device=self.theta.device)
         side = self._side(run(_arc(self.a, self.b, self.theta)))
         # run lands above at the jump: its own jump lies below it, wrong (above) from theta down
         # to it; so test downwards, and upwards when it lands below
-        direction = 1.0 - 2.0 * side.double()
+        direction = 2.0 * side.double() - 1.0
         lo = torch.zeros(len(self), dtype=torch.long, device=ladder.device)
         hi = torch.full_like(lo, len(LADDER))
         for _ in range(len(LADDER).bit_length()):
             mid = (lo + hi) // 2
-            theta = self.theta + direction * ladder[mid]
+            theta = self.theta - direction * ladder[mid]
             wrong = self._side(run(_arc(self.a, self.b, theta))) == side
             lo, hi = torch.where(wrong, mid + 1, lo), torch.where(wrong, hi, mid)
         # lo rungs are wrong: the miss lies between rung lo - 1 and rung lo
         upper = ladder[lo.clamp(max=len(LADDER) - 1)]
         lower = torch.where(lo > 0, ladder[(lo - 1).clamp(min=0)], upper / 4)
         miss = torch.where(lo < len(LADDER), (lower * upper).sqrt(), ladder[-1])
-        return self._per_prior_draw(miss)
+        return direction * miss
 
     def _per_prior_draw(self, miss: Tensor) -> float:
         """What misses of `miss` rad at the jumps add to the mean squared distance per prior
