@@ -26,9 +26,12 @@ such draw costs the squared distance between modes, so those draws decide the me
 distance, and a few hundred prior draws do not see them. `Boundaries` measures them directly:
 it bisects great-circle arcs x(theta) = a cos(theta) + b sin(theta) between pairs of prior
 draws (every x(theta) is itself a prior draw) to where the exact flow jumps, and times the
-angle by which a candidate's own jump misses, over the arc's quarter turn, by the squared jump:
-an estimate of what that candidate's switches add to its mean squared distance over all prior
-draws, which the pilot adds to the distance on its draws. The draws themselves estimate it
+signed angle by which a candidate's own jump misses, over the arc's quarter turn, by the squared
+jump: the mass it moves from one mode to the other, netted over the arcs that join the same two
+modes (draws that cross a boundary both ways leave each mode its mass, which no distance between
+distributions charges). That estimates what the candidate's switches add to the squared distance
+between its samples and the flow's, per prior draw, and the pilot adds it to the distance on its
+draws. The draws themselves estimate it
 badly: one of 256 that switches under one candidate weighs 1/256 where such draws are rarer than
 1 in 1000 (on a 5-D mixture of 6 under DDPM at 20 steps, one draw ranked first a candidate 4x
 further from the flow than the closest). Where the flow jumps, the distance therefore leaves out
@@ -259,16 +262,47 @@ class Boundaries:
     @property
     def floor(self) -> float:
         """The switch error of a sampler that meets every jump within LADDER[0], where the
-        flow's own jump is known to (HALVINGS): what the arcs cannot resolve, the same for every
-        candidate that close (`switch_error`'s miss below the first rung)."""
+        flow's own jump is known to (HALVINGS), all on the same side: what the arcs cannot
+        resolve, at most, for every candidate that close (`misses` below the first rung)."""
         return self._per_prior_draw(torch.full_like(self.theta, LADDER[0] / 2))
 
     def switch_error(self, run: Callable[[Tensor], Tensor]) -> float:
         """What the draws `run` (a batch map x_T -> x_0) sends across a jump of the flow add to
-        its mean squared distance to the flow, per prior draw: over every arc, the angle between
-        the flow's jump and run's own (`misses`) times the squared jump, over a quarter turn. 0
-        where no arc jumps."""
-        return self._per_prior_draw(self.misses(run).abs()) if len(self) else 0.0
+        the squared distance between its samples and the flow's as distributions, per prior
+        draw: each arc's signed miss (`misses`) times its squared jump, over a quarter turn,
+        summed per pair of modes (`pairs`) and counted by the size of that net. Draws that
+        cross one boundary both ways leave each mode its mass, and no distribution distance
+        (the W2, a KL) charges them the jump; draws moved one way are what it charges. 0 where
+        no arc jumps."""
+        if not len(self):
+            return 0.0
+        pair, sign = self.pairs
+        moved = sign * self.misses(run) * _distance(self.below, self.above) ** 2
+        net = torch.zeros(len(self), dtype=moved.dtype, device=moved.device)
+        net = net.index_add(0, pair, moved)
+        return float(net.abs().sum()) / (math.pi / 2) / self.arcs
+
+    @functools.cached_property
+    def pairs(self) -> tuple[Tensor, Tensor]:
+        """Per arc, the pair of modes its jump joins (an index) and its orientation (+1 where it
+        runs from the pair's first mode to its second, -1 the other way). The flow's samples
+        either side of the jumps are modes' members; two of them closer than half the smallest
+        jump belong to the same mode (single linkage: a jump is at least that far). An arc whose
+        ends fall in one mode is a pair of its own."""
+        ends = torch.cat([self.below, self.above]).flatten(1).double()
+        near = torch.cdist(ends, ends) < self.smallest_jump / 2
+        mode = torch.arange(len(ends), device=ends.device)
+        while True:  # each end takes the smallest label it is linked to, until none changes
+            linked = torch.where(near, mode[None, :], len(ends)).min(1).values
+            if bool((linked == mode).all()):
+                break
+            mode = linked[linked]
+        lo, hi = mode[: len(self)], mode[len(self) :]
+        first, second = torch.minimum(lo, hi), torch.maximum(lo, hi)
+        own = -1 - torch.arange(len(self), device=ends.device)
+        key = torch.where(lo == hi, own, first * len(ends) + second)
+        pair = torch.unique(key, return_inverse=True)[1]
+        return pair, torch.where(lo <= hi, 1.0, -1.0).to(ends)
 
     def misses(self, run: Callable[[Tensor], Tensor]) -> Tensor:
         """Per arc, the angle (rad) from the flow's jump to run's own, found on the LADDER by 3
@@ -502,10 +536,11 @@ def decide(
     it, the one of the smallest `moments` (asked of those only). The moments cannot see
     switches: a tie's switch error may not exceed the closest's by the tie margin. The margin
     leaves out the switch errors' `floor` (`Boundaries.floor`): on well separated modes every
-    candidate may meet the flow's jumps that closely, and that shared floor, exact for none,
-    can exceed the distances themselves and make every candidate a tie."""
+    candidate may meet the flow's jumps that closely, and that floor, exact for none, can
+    exceed the distances themselves and make every candidate a tie. (Misses that net out cost
+    less than it: where the closest's error lies below the floor, nothing ties with it.)"""
     closest = min(errors, key=errors.__getitem__)
-    margin = (TIE - 1) * (errors[closest] - floor)
+    margin = (TIE - 1) * max(errors[closest] - floor, 0.0)
     ties = [
         k
         for k in errors
