@@ -31,10 +31,9 @@ jump: the mass it moves from one mode to the other, netted over the arcs that jo
 modes (draws that cross a boundary both ways leave each mode its mass, which no distance between
 distributions charges). That estimates what the candidate's switches add to the squared distance
 between its samples and the flow's, per prior draw, and the pilot adds it to the distance on its
-draws. The draws themselves estimate it
-badly: one of 256 that switches under one candidate weighs 1/256 where such draws are rarer than
-1 in 1000 (on a 5-D mixture of 6 under DDPM at 20 steps, one draw ranked first a candidate 4x
-further from the flow than the closest). Where the flow jumps, the distance therefore leaves out
+draws. The draws themselves estimate it badly: one of 256 that switches under one candidate
+weighs 1/256 where such draws are rarer than 1 in 1000 (on a 5-D mixture of 6 under DDPM at 20
+steps, one draw ranked first a candidate 4x further from the flow than the closest). Where the flow jumps, the distance therefore leaves out
 each candidate's TRIM farthest draws, and switches count through the arcs. So does a draw that
 every candidate sends at least half the flow's smallest jump away (`shared_misses`): it adds about
 the same to every distance, which changes no ranking but widens the tie margin (on the 16-D
