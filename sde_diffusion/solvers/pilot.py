@@ -19,25 +19,25 @@ weighs it relatively. That is the spirit of the optimised schedules of Watson et
 et al. ("Align Your Steps", 2024) and Xue et al. (2024), restricted to a finite family so that it
 costs a fixed number of evaluations and cannot overfit the pilot.
 
-On a multimodal target the flow map jumps where x_T crosses a boundary between the basins of
-two modes, and a sampler whose own boundary lies a little off sends the draws in between to the
-other mode: rare (1 in 1000 on the 32-D mixture of benchmarks/steps_vs_quality.py), but each
-such draw costs the squared distance between modes, so those draws decide the mean squared
-distance, and a few hundred prior draws do not see them. `Boundaries` measures them directly:
-it bisects great-circle arcs x(theta) = a cos(theta) + b sin(theta) between pairs of prior
-draws (every x(theta) is itself a prior draw) to where the exact flow jumps, and times the
-signed angle by which a candidate's own jump misses, over the arc's quarter turn, by the squared
-jump: the mass it moves from one mode to the other, netted over the arcs that join the same two
-modes (draws that cross a boundary both ways leave each mode its mass, which no distance between
-distributions charges). That estimates what the candidate's switches add to the squared distance
-between its samples and the flow's, per prior draw, and the pilot adds it to the distance on its
-draws. The draws themselves estimate it badly: one of 256 that switches under one candidate
-weighs 1/256 where such draws are rarer than 1 in 1000 (on a 5-D mixture of 6 under DDPM at 20
-steps, one draw ranked first a candidate 4x further from the flow than the closest). Where the flow jumps, the distance therefore leaves out
-each candidate's TRIM farthest draws, and switches count through the arcs. So does a draw that
-every candidate sends at least half the flow's smallest jump away (`shared_misses`): it adds about
-the same to every distance, which changes no ranking but widens the tie margin (on the 16-D
-mixture under DDPM at 10 steps one such draw, with the TRIM, let the moments pick a candidate
+On a multimodal target the flow map jumps where x_T crosses a boundary between the basins of two
+modes, and a sampler whose own boundary lies a little off sends the draws in between to the other
+mode: rare (1 in 1000 on the 32-D mixture of benchmarks/steps_vs_quality.py), but each such draw
+costs the squared distance between modes, so those draws decide the mean squared distance, and a
+few hundred prior draws do not see them. `Boundaries` measures them directly: it bisects
+great-circle arcs x(theta) = a cos(theta) + b sin(theta) between pairs of prior draws (every
+x(theta) is itself a prior draw) to where the exact flow jumps, and times the signed angle by which
+a candidate's own jump misses, over the arc's quarter turn, by the squared jump: the mass it moves
+from one mode to the other, netted over the arcs that join the same two modes (draws that cross a
+boundary both ways leave each mode its mass, which no distance between distributions charges). That
+estimates what the candidate's switches add to the squared distance between its samples and the
+flow's, per prior draw, and the pilot adds it to the distance on its draws. The draws themselves
+estimate it badly: one of 256 that switches under one candidate weighs 1/256 where such draws are
+rarer than 1 in 1000 (on a 5-D mixture of 6 under DDPM at 20 steps, one draw ranked first a
+candidate 4x further from the flow than the closest). Where the flow jumps, the distance therefore
+leaves out each candidate's TRIM farthest draws, and switches count through the arcs. So does a
+draw that every candidate sends at least half the flow's smallest jump away (`shared_misses`): it
+adds about the same to every distance, which changes no ranking but widens the tie margin (on the
+16-D mixture under DDPM at 10 steps one such draw, with the TRIM, let the moments pick a candidate
 1.5x farther from the flow than the closest). A tie (above) may not exceed the closest's switch
 error by more than the tie margin: the moments cannot see switches.
 
