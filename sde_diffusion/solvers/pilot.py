@@ -276,10 +276,7 @@ class Boundaries:
         if not len(self):
             return 0.0
         pair, sign = self.pairs
-        moved = sign * self.misses(run) * _distance(self.below, self.above) ** 2
-        net = torch.zeros(len(self), dtype=moved.dtype, device=moved.device)
-        net = net.index_add(0, pair, moved)
-        return float(net.abs().sum()) / (math.pi / 2) / self.arcs
+        return self._per_prior_draw(sign * self.misses(run), pair)
 
     @functools.cached_property
     def pairs(self) -> tuple[Tensor, Tensor]:
@@ -325,11 +322,14 @@ class Boundaries:
         miss = torch.where(lo < len(LADDER), (lower * upper).sqrt(), ladder[-1])
         return direction * miss
 
-    def _per_prior_draw(self, miss: Tensor) -> float:
+    def _per_prior_draw(self, miss: Tensor, pair: Tensor | None = None) -> float:
         """What misses of `miss` rad at the jumps add to the mean squared distance per prior
-        draw: each times its squared jump, over a quarter turn, averaged over all the arcs."""
-        jump2 = _distance(self.below, self.above) ** 2
-        return float((miss * jump2).sum()) / (math.pi / 2) / self.arcs
+        draw: each times its squared jump, netted within each `pair` (an index per arc; each arc
+        alone where None), over a quarter turn, averaged over all the arcs."""
+        moved = miss * _distance(self.below, self.above) ** 2
+        if pair is not None:
+            moved = torch.zeros_like(moved).index_add(0, pair, moved)
+        return float(moved.abs().sum()) / (math.pi / 2) / self.arcs
 
     def _side(self, y: Tensor) -> Tensor:
         """Whether each sample lies on the flow's upper side of its jump (nearer `above`)."""
