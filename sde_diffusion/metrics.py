@@ -522,13 +522,15 @@ def _digits_split(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return x[tr], y[tr], x[te], y[te]
 
 
+@torch.enable_grad()
 def train_digits_classifier(seed: int = 0, epochs: int = 25) -> tuple[DigitsClassifier, float]:
     """Train the feature network by a fixed procedure; return it and its held-out accuracy.
 
     Everything random comes from `seed`: the 80/20 split, the initial weights (drawn under a
     forked global RNG, which is left untouched), the batch order and the Gaussian pixel noise
     (std 0.1) added as augmentation so the features tolerate slightly noisy samples. Adam, lr 1e-3,
-    batch 64, on CPU in float32.
+    batch 64, on CPU in float32. Gradients are on whatever the caller's mode: a first
+    `image_metrics` call under `torch.no_grad()` (a benchmark's) trains the network it caches.
     """
     x_tr, y_tr, x_te, y_te = _digits_split(seed)
     g = torch.Generator().manual_seed(seed)
