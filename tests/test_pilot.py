@@ -128,7 +128,7 @@ def test_switch_error_is_the_mass_between_two_boundaries_times_the_squared_jump(
     """The flow jumps by 2 at x_1 = 0, the sampler at x_1 = shift: the draws in between
     (prior N(0, I) on VP) switch, so the mean squared distance they add is exactly
     4 (Phi(shift) - 1/2). On 256 arcs the estimate is within 35% of it (the LADDER measures
-    each arc's miss to a factor of 3^(1/2)); about half the arcs cross the hyperplane. Each
+    each arc's miss to a factor of 3^(1/4)); about half the arcs cross the hyperplane. Each
     arc's signed miss sends its draws towards -e_1 for a positive shift and towards +e_1 for a
     negative one, whichever way the arc runs."""
     sde, step = VPSDE(), _step(dim)
@@ -141,6 +141,22 @@ def test_switch_error_is_the_mass_between_two_boundaries_times_the_squared_jump(
     assert bool((boundaries.misses(step(shift)) * upwards < 0).all())
     assert bool((boundaries.misses(step(-shift)) * upwards > 0).all())
     assert shift / 3 > LADDER[0] and shift < LADDER[-1]
+
+
+def test_each_arcs_miss_is_measured_to_a_rung_of_the_ladder():
+    """The flow jumps at x_1 = 0, the sampler at x_1 = 0.02: on the arc a cos(t) + b sin(t),
+    x_1 = r cos(t - phase) runs through 0 at slope r, so it crosses 0.02 at asin(0.02 / r) from
+    there, r = |(a_1, b_1)|; each arc's miss comes within a factor 3^(1/4) of it (the geometric
+    middle of two rungs sqrt(3) apart), up to the flow's own jump, known to 1e-4 rad; a ladder
+    in factors of 3 misses by up to sqrt(3)."""
+    step = _step(4)
+    boundaries = Boundaries.find(step(0.0), VPSDE(), torch.zeros(1, 4, dtype=torch.float64), 256)
+    exact = torch.asin(0.02 / torch.hypot(boundaries.a[:, 0], boundaries.b[:, 0]))
+    found = boundaries.misses(step(0.02)).abs()
+    ok = (exact > 1e-3) & (exact < LADDER[-1] / 3)
+    assert int(ok.sum()) > 64
+    ratio = found[ok] / exact[ok]
+    assert float(ratio.max()) < 3**0.25 * 1.1 and float(ratio.min()) > 3**-0.25 / 1.1
 
 
 @pytest.mark.parametrize("dim", [2, 8])

@@ -110,8 +110,10 @@ HALVINGS = 14
 #: RECENT halvings are dropped on the way
 JUMP = 0.5
 RECENT = 4
-#: angles (rad) from a jump at which a sampler's side is tested: 1e-4 to 0.073 in factors of 3
-LADDER = tuple(1e-4 * 3.0**k for k in range(7))
+#: angles (rad) from a jump at which a sampler's side is tested: 1e-4 to 0.073 in factors of
+#: sqrt(3) (in factors of 3 the misses left switch errors a factor sqrt(3) apart untold:
+#: docs/default_sampler.md, "How close the choice comes")
+LADDER = tuple(1e-4 * 3.0 ** (k / 2) for k in range(13))
 #: the largest share of the draws that can be misses every candidate shares (`shared_misses`)
 SHARED_MISSES = 1 / 16
 #: how a candidate's samples end: "t_min" (the grid's end), "zero" (the eps polynomial's own
@@ -301,7 +303,7 @@ class Boundaries:
         return pair, torch.where(lo <= hi, 1.0, -1.0).to(ends)
 
     def misses(self, run: Callable[[Tensor], Tensor]) -> Tensor:
-        """Per arc, the angle (rad) from the flow's jump to run's own, found on the LADDER by 3
+        """Per arc, the angle (rad) from the flow's jump to run's own, found on the LADDER by 4
         bisections after one run at the jump: positive where run's jump lies below the flow's,
         so that the draws in between go to the flow's upper side (`above`) instead of `below`."""
         ladder = torch.tensor(LADDER, dtype=torch.float64, device=self.theta.device)
@@ -312,10 +314,11 @@ class Boundaries:
         lo = torch.zeros(len(self), dtype=torch.long, device=ladder.device)
         hi = torch.full_like(lo, len(LADDER))
         for _ in range(len(LADDER).bit_length()):
-            mid = (lo + hi) // 2
+            mid = ((lo + hi) // 2).clamp(max=len(LADDER) - 1)
             theta = self.theta - direction * ladder[mid]
             wrong = self._side(run(_arc(self.a, self.b, theta))) == side
-            lo, hi = torch.where(wrong, mid + 1, lo), torch.where(wrong, hi, mid)
+            open_ = lo < hi  # 13 rungs: some brackets close a bisection early
+            lo, hi = torch.where(open_ & wrong, mid + 1, lo), torch.where(open_ & ~wrong, mid, hi)
         # lo rungs are wrong: the miss lies between rung lo - 1 and rung lo
         upper = ladder[lo.clamp(max=len(LADDER) - 1)]
         lower = torch.where(lo > 0, ladder[(lo - 1).clamp(min=0)], upper / 4)

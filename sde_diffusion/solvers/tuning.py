@@ -167,7 +167,7 @@ def tune_grid(
         switches modes are rarer than 1 in 100: on the 16-D oracle mixture at 20 evaluations,
         64 held-out draws alone let through a grid that fresh draws put 1.7x behind the start
         (README, "Tuned grids").
-    trials: grids tried (each costs `steps` + 1 evaluations on the searched draws, and 4 runs
+    trials: grids tried (each costs `steps` + 1 evaluations on the searched draws, and 5 runs
         on the arcs' jumps where the flow has any).
     reference: the pilot's exact probability-flow samples, if known; by default dopri5 at
         tolerance `pilot.REFERENCE_TOL` from the same draws.
