@@ -5,16 +5,19 @@ caller's random state. Checked against the closed-form flow of a Gaussian target
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
-from sde_diffusion import VPSDE, DiscreteVPSDE, GaussianMixture
+from sde_diffusion import VESDE, VPSDE, DiscreteVPSDE, GaussianMixture
 from sde_diffusion.solvers import sample
 from sde_diffusion.solvers.pilot import (
     CANDIDATES,
+    CONVERGED,
     LADDER,
     PILOT_DRAWS,
+    PILOT_MIN_STEP,
     SHARED_MISSES,
     TIE,
     TRIM,
@@ -25,6 +28,7 @@ from sde_diffusion.solvers.pilot import (
     decide,
     exact_flow,
     pilot_draws,
+    pilots,
     run_candidate,
     shared_misses,
     tweedie_step,
@@ -85,6 +89,42 @@ def test_the_sigma_min_end_jumps_from_t_min_as_the_reference_does(sde):
 
     assert error("sigma_min", 20) > 8 * error("sigma_min", 40)
     assert error("sigma_min", 40) < 1e-6 and error("tweedie", 40) > 100 * error("sigma_min", 40)
+
+
+def _log_snr_range(sde: VPSDE | VESDE) -> float:
+    """lambda(t_min) - lambda(T), lambda = log(gamma / sigma), from each SDE's closed form."""
+
+    def lam(t: float) -> float:
+        if isinstance(sde, VESDE):  # gamma = 1, sigma^2 = s_min^2 ((s_max / s_min)^(2t) - 1)
+            ratio = sde.sigma_max / sde.sigma_min
+            return -0.5 * math.log(sde.sigma_min**2 * (ratio ** (2 * t) - 1))
+        log_gamma = -(sde.beta_min * t / 2 + (sde.beta_max - sde.beta_min) * t**2 / 4)
+        return log_gamma - 0.5 * math.log(-math.expm1(2 * log_gamma))
+
+    return lam(sde.t_min) - lam(sde.T)
+
+
+@pytest.mark.parametrize("sde", [VPSDE(), VESDE()], ids=["vp", "ve"])
+def test_from_the_smallest_piloted_step_on_the_default_converges_to_the_reference_unpiloted(sde):
+    """Where the mean log-SNR step is at most PILOT_MIN_STEP (96 steps on VP, 129 on VE) the
+    default runs no pilot: CONVERGED, NFE = steps, its samples within 2e-5 (rms) of the
+    closed-form flow to t_min followed by the Tweedie jump, the pilot's reference. The fixed
+    configuration without the jump stays at the noise left at t_min (7e-4 on VP). One step fewer
+    is piloted."""
+    steps = math.ceil(_log_snr_range(sde) / PILOT_MIN_STEP)
+    assert pilots(sde, steps - 1) and not pilots(sde, steps)
+    mix = _gaussian()
+    score, t_min = mix.score_fn(sde), torch.tensor(float(sde.t_min), dtype=torch.float64)
+    x_T = sde.prior_std() * torch.randn(64, 4, generator=torch.Generator().manual_seed(0),
+                                        dtype=torch.float64)  # fmt: skip
+    exact = tweedie_step(score, sde, mix.pf_ode_solution(x_T, sde.T, t_min, sde), t_min)
+    res = sample(score, sde, x_T, steps=steps, return_info=True)
+    assert res.pilot is None and res.pilot_evaluations == 0 and res.nfe == steps
+    assert res.solver == CONVERGED.solver
+    assert float((res.samples - exact).pow(2).sum(1).mean().sqrt()) < 2e-5
+    on_edm = sample(score, sde, x_T, steps=steps, grid="edm", return_info=True)
+    assert on_edm.pilot is None
+    torch.testing.assert_close(on_edm.ts, replace(CONVERGED, grid="edm").grid_for(sde, steps))
 
 
 def test_on_a_multimodal_target_the_error_adds_the_switch_error_and_ties_must_not_switch_more():

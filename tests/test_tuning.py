@@ -16,7 +16,14 @@ from sde_diffusion import GaussianMixture, get_sde
 from sde_diffusion.solvers import sample, tunable_solvers, tune_grid
 from sde_diffusion.solvers._registry import CheckedScore
 from sde_diffusion.solvers.grids import resolve_grid
-from sde_diffusion.solvers.pilot import BOUNDARY_ARCS, TRIM, Boundaries, choose, exact_flow
+from sde_diffusion.solvers.pilot import (
+    BOUNDARY_ARCS,
+    CONVERGED,
+    TRIM,
+    Boundaries,
+    choose,
+    exact_flow,
+)
 from sde_diffusion.solvers.tuning import _fractions_to_grid
 
 RING = GaussianMixture.ring(k=8, radius=4.0, std=0.5)
@@ -232,3 +239,27 @@ def test_the_default_is_tuned_where_the_tuning_draws_would_choose_otherwise():
     distance = _trimmed(default.samples, reference[:192])
     assert fit.initial_error == pytest.approx(distance + fit.initial_switch_error, rel=1e-9)
     assert fit.holdout_error <= fit.initial_holdout_error
+
+
+def test_where_the_default_runs_no_pilot_it_tunes_converged():
+    """At 96 steps on VP (mean log-SNR step below PILOT_MIN_STEP) `sample()`'s default is
+    CONVERGED, unpiloted: tune_grid(None) starts from it and, on a mixture whose flow jumps
+    between modes, finds the jumps itself, so its start's error on the searched draws is the
+    default's trimmed distance to the flow plus the start's switch error."""
+    sde = get_sde("vp")
+    g = torch.Generator().manual_seed(3)
+    means = 3 * torch.randn(4, 3, generator=g, dtype=torch.float64)
+    mix = GaussianMixture(torch.full((4,), 0.25), means, torch.full((4, 3), 0.1))
+    score = mix.score_fn(sde)
+    pilot = sde.prior_std() * torch.randn(64, 3, generator=g, dtype=torch.float64)
+    reference = exact_flow(score, sde, pilot)
+    fit = tune_grid(score, sde, None, 96, pilot, trials=3, reference=reference)
+    assert (fit.solver, fit.params, fit.denoise) == (
+        CONVERGED.solver,
+        CONVERGED.params,
+        CONVERGED.denoise,
+    )
+    default = sample(score, sde, pilot[:48], steps=96, return_info=True)
+    assert default.pilot is None and fit.initial_switch_error > 0
+    distance = _trimmed(default.samples, reference[:48])
+    assert fit.initial_error == pytest.approx(distance + fit.initial_switch_error, rel=1e-9)

@@ -69,7 +69,9 @@ from .grids import GRIDS, final_time, time_grid
 __all__ = [
     "BOUNDARY_ARCS",
     "CANDIDATES",
+    "CONVERGED",
     "PILOT_DRAWS",
+    "PILOT_MIN_STEP",
     "TIE",
     "TRIM",
     "Boundaries",
@@ -79,7 +81,9 @@ __all__ = [
     "choose",
     "decide",
     "exact_flow",
+    "mean_log_snr_step",
     "pilot_draws",
+    "pilots",
     "run_candidate",
     "shared_misses",
 ]
@@ -205,6 +209,28 @@ CANDIDATES = tuple(
     for grid in GRIDS
     if end != "sigma_min" or grid in ("log_snr", "edm")
 )
+
+#: the smallest mean log-SNR step over [t_min, T] at which the default runs its pilot. With
+#: smaller steps (from 96-99 steps on DDPM, VP and cosine, 63 on scaled-linear, 129 on VE, 142 on
+#: sub-VP) every candidate has all but reached its own limit, and the limits are two: the flow
+#: to t_min, and that flow with the Tweedie jump from t_min, which is the pilot's reference
+#: (`exact_flow`). Nothing is left to choose, at the pilot's full price, the cost of 25,000-41,000
+#: samples at the same steps (docs/default_sampler.md, "Many steps")
+PILOT_MIN_STEP = 0.1
+#: what the default runs instead of a pilot at those steps: the family's member on log-SNR steps
+#: that ends with the jump from t_min, whose limit is the pilot's reference
+CONVERGED = Candidate("unipc", "data", "log_snr", "sigma_min")
+
+
+def mean_log_snr_step(sde: SDE, steps: int) -> float:
+    """The mean step in log-SNR of `steps` steps from T to the schedule's t_min."""
+    lam = sde.log_snr(torch.tensor([float(sde.T), float(sde.t_min)], dtype=torch.float64))
+    return float(lam[1] - lam[0]) / steps
+
+
+def pilots(sde: SDE, steps: int) -> bool:
+    """Whether the default pilots `steps` steps on `sde`, or runs CONVERGED (PILOT_MIN_STEP)."""
+    return mean_log_snr_step(sde, steps) > PILOT_MIN_STEP
 
 
 @dataclass

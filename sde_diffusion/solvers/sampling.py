@@ -5,7 +5,7 @@ configuration a pilot chose for this score function (`pilot.py`)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -32,7 +32,16 @@ from ._registry import (
     per_sample_noise,
 )
 from .grids import GRIDS, resolve_grid
-from .pilot import CANDIDATES, PILOT_DRAWS, PilotChoice, cached_choice, tweedie_step
+from .pilot import (
+    CANDIDATES,
+    CONVERGED,
+    PILOT_DRAWS,
+    PilotChoice,
+    cached_choice,
+    mean_log_snr_step,
+    pilots,
+    tweedie_step,
+)
 
 __all__ = ["CORRECTOR_MAX_STEP", "DEFAULT_PARAMS", "SampleResult", "default_solver", "sample"]
 
@@ -57,8 +66,7 @@ def default_solver(sde: SDE, steps: int) -> str:
     interpolant overshoots and the third-order predictor alone is the better bet.
     """
     steps = check_int(steps, "steps")
-    lam = sde.log_snr(torch.tensor([float(sde.T), float(sde.t_min)], dtype=torch.float64))
-    return "unipc" if float(lam[1] - lam[0]) / steps <= CORRECTOR_MAX_STEP else "dpm_solver"
+    return "unipc" if mean_log_snr_step(sde, steps) <= CORRECTOR_MAX_STEP else "dpm_solver"
 
 
 @dataclass
@@ -104,7 +112,10 @@ def sample(
         integrator of order 2 or 3 with each grid, end and prediction, with and without UniPC's
         corrector), the configuration closest to the score's exact probability-flow map at
         NFE = steps, its mode switches included; the choice is remembered per score function
-        (README, "The default").
+        (README, "The default"). Where the mean log-SNR step is at most
+        `pilot.PILOT_MIN_STEP` (some 100 steps or more) no pilot runs: every candidate is then
+        all but converged, and `pilot.CONVERGED` is the one that converges to the pilot's
+        reference, the flow with the Tweedie jump from t_min.
         pilot=0, a grid tensor, t_end, denoise or solver_params: `default_solver(sde, steps)`
         with DEFAULT_PARAMS (which solver_params override) and no Tweedie step: NFE = steps.
     steps / grid: `steps` intervals of the grid kind `grid` (default: the solver's own), or
@@ -137,9 +148,13 @@ def sample(
         chosen_elsewhere = isinstance(grid, Tensor) or t_end is not None or denoise is not None
         if pilot and not (chosen_elsewhere or solver_params):
             steps = check_int(steps, "steps")
-            choice, fresh = _pilot(score_fn, sde, steps, x, pilot, grid, progress)
-            pilot_evaluations = choice.evaluations if fresh else 0
-            best = choice.candidate
+            if grid is not None:
+                check_choice("grid", grid, GRIDS)
+            best = replace(CONVERGED, grid=grid or CONVERGED.grid)
+            if pilots(sde, steps):
+                choice, fresh = _pilot(score_fn, sde, steps, x, pilot, grid, progress)
+                pilot_evaluations = choice.evaluations if fresh else 0
+                best = choice.candidate
             solver, solver_params, denoise = best.solver, best.params, best.denoise
             grid = best.grid_for(sde, steps)
         else:
@@ -186,10 +201,7 @@ def _pilot(
     progress: bool,
 ) -> tuple[PilotChoice, bool]:
     """The pilot's choice for sample(); `grid`, a kind, restricts the candidates to it."""
-    candidates = CANDIDATES
-    if grid is not None:
-        check_choice("grid", grid, GRIDS)
-        candidates = tuple(c for c in CANDIDATES if c.grid == grid)
+    candidates = CANDIDATES if grid is None else tuple(c for c in CANDIDATES if c.grid == grid)
     return cached_choice(score_fn, sde, steps, x, draws, candidates, progress)
 
 

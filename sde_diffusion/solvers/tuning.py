@@ -48,6 +48,7 @@ from .grids import resolve_grid
 from .pilot import (
     BOUNDARY_ARCS,
     CANDIDATES,
+    CONVERGED,
     PILOT_DRAWS,
     Boundaries,
     MomentError,
@@ -55,6 +56,7 @@ from .pilot import (
     decide,
     exact_flow,
     flow_error,
+    pilots,
 )
 from .sampling import initial_state, sample
 
@@ -154,7 +156,7 @@ def tune_grid(
     solver: a registered name (its samples end with the Tweedie step, as `sample`'s for a named
         solver), or None for `sample`'s default: the configuration `sample(score_fn, sde, x,
         steps=steps)` runs (its own pilot's choice, on its own draws, remembered for
-        score_fn), so that the tuned grid can only improve on what the default does; the
+        score_fn, or `pilot.CONVERGED` at steps where it runs no pilot), so that the tuned grid can only improve on what the default does; the
         tuning moves its grid's inner points (a grid that ends at t_min keeps that end; one
         that ends in a Tweedie step tunes it).
 
@@ -200,21 +202,26 @@ def tune_grid(
         )
     n = x_T.shape[0]
     kept = n - (max(1, int(holdout * n)) if n > 1 and holdout > 0 else 0)
-    if solver is None:  # sample()'s own choice: its pilot draws, remembered for score_fn
+    chosen, boundaries = None, None
+    if solver is None and pilots(sde, steps):  # sample()'s pilot: its draws, kept for score_fn
         choice, fresh = cached_choice(score_fn, sde, steps, x_T, PILOT_DRAWS, CANDIDATES, progress)
         nfe += choice.nfe if fresh else 0
-        chosen, boundaries = choice.candidate, choice.boundaries if kept < n else None
+        chosen, boundaries = choice.candidate, choice.boundaries
+    elif solver is None:
+        chosen = CONVERGED
+    if chosen is not None:
         name, params, denoise = chosen.solver, {**chosen.params, **solver_params}, chosen.denoise
         start = chosen.grid_for(sde, steps)
     else:
         name, params, denoise = solver, dict(solver_params), True
         start = resolve_grid(sde, None, steps, get_solver(solver).default_grid, denoise=True)
+    if kept == n:
         boundaries = None
-        if kept < n:
-            counted = CheckedScore(score_fn)
-            flow = functools.partial(exact_flow, counted, sde)
-            boundaries = Boundaries.find(flow, sde, x_T, BOUNDARY_ARCS)
-            nfe += counted.nfe
+    elif boundaries is None:
+        counted = CheckedScore(score_fn)
+        flow = functools.partial(exact_flow, counted, sde)
+        boundaries = Boundaries.find(flow, sde, x_T, BOUNDARY_ARCS)
+        nfe += counted.nfe
     fit_x, fit_ref, held_x, held_ref = x_T[:kept], reference[:kept], x_T[kept:], reference[kept:]
     # a grid to t_min, with or without a Tweedie step after it, keeps that end; one of a single
     # step there would leave nothing to move, so it keeps a sliver above its end instead
