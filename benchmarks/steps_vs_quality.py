@@ -45,7 +45,8 @@ Errors:
   biased low, and a setting measured on draws it was not chosen on is not.
 Budgets are matched on counted evaluations: each sampler runs the most steps whose counted NFE
 fits the budget. Every problem reports, at each NFE, the best peer setting and our ratio to it,
-and our error at NFE 20 against our own at NFE 1000 (the floor). The default's pilot choices
+and our error at NFE 20 against our own at NFE 1000 (the floor: `pilot.CONVERGED`, which the
+default runs unpiloted at that many steps). The default's pilot choices
 and their cost are printed; "default without pilot" is `pilot=0`, the fixed configuration. With
 --tuned, `tune_grid(..., None, ...)` picks and fits the default's configuration to each problem
 at each budget (pilot draws independent of x_T) and those rows are compared too, with what each
