@@ -108,9 +108,8 @@ def _log_snr_range(sde: VPSDE | VESDE) -> float:
 def test_from_the_smallest_piloted_step_on_the_default_converges_to_the_reference_unpiloted(sde):
     """Where the mean log-SNR step is at most PILOT_MIN_STEP (96 steps on VP, 129 on VE) the
     default runs no pilot: CONVERGED, NFE = steps, its samples within 2e-5 (rms) of the
-    closed-form flow to t_min followed by the Tweedie jump, the pilot's reference. The fixed
-    configuration without the jump stays at the noise left at t_min (7e-4 on VP). One step fewer
-    is piloted."""
+    closed-form flow to t_min followed by the Tweedie jump, the pilot's reference (on VP the
+    noise left at t_min alone is 7e-4). One step fewer is piloted; a grid kind still applies."""
     steps = math.ceil(_log_snr_range(sde) / PILOT_MIN_STEP)
     assert pilots(sde, steps - 1) and not pilots(sde, steps)
     mix = _gaussian()

@@ -156,9 +156,9 @@ def tune_grid(
     solver: a registered name (its samples end with the Tweedie step, as `sample`'s for a named
         solver), or None for `sample`'s default: the configuration `sample(score_fn, sde, x,
         steps=steps)` runs (its own pilot's choice, on its own draws, remembered for
-        score_fn, or `pilot.CONVERGED` at steps where it runs no pilot), so that the tuned grid can only improve on what the default does; the
-        tuning moves its grid's inner points (a grid that ends at t_min keeps that end; one
-        that ends in a Tweedie step tunes it).
+        score_fn, or `pilot.CONVERGED` at steps where it runs no pilot), so that the tuned grid
+        can only improve on what the default does; the tuning moves its grid's inner points (a
+        grid that ends at t_min keeps that end; one that ends in a Tweedie step tunes it).
 
     pilot: the shape of the batch of prior draws to tune on (drawn with `generator` on `device`
         in `dtype`), or the draws x_T themselves; 256 draws tuned the oracle mixtures of 2 and
