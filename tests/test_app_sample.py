@@ -14,6 +14,7 @@ from sde_diffusion.apps import train
 from sde_diffusion.apps.hydra_app import compose_config
 from sde_diffusion.apps.sample import run
 from sde_diffusion.solvers import SOLVERS
+from sde_diffusion.solvers.pilot import CONVERGED
 
 FAST = ["num_samples=300", "device=cpu"]
 
@@ -36,15 +37,20 @@ def test_oracle_run_writes_samples_metrics_and_figure(tmp_path):
 
 def test_the_default_runs_its_pilot_and_records_the_choice(tmp_path):
     """solver=default is `sample()` with no solver named: NFE = steps, the pilot's choice and
-    cost in metrics.json (paid once for all batches); a grid kind restricts the choice and
-    denoise skips the pilot; inpainting needs a named solver."""
+    cost in metrics.json (paid once for all batches), and the configuration that ran; a grid
+    kind restricts the choice, denoise skips the pilot, and so do steps of at most 0.1 in
+    log-SNR, where `pilot.CONVERGED` runs; inpainting needs a named solver."""
     record = _run(tmp_path / "a", "solver=default", "steps=8", "batch_size=100")
     assert record["status"] == "ok" and record["nfe"] == 8 and record["metrics"]["sliced_w2"] < 0.5
     assert record["pilot"]["evaluations"] > 8 * 256 and "grid" in record["pilot"]["choice"]
+    assert record["configuration"] == record["pilot"]["choice"]
     edm = _run(tmp_path / "b", "solver=default", "steps=8", "solver.grid=edm")
     assert "edm grid" in edm["pilot"]["choice"]
     fixed = _run(tmp_path / "c", "solver=default", "steps=8", "denoise=false")
-    assert fixed["nfe"] == 8 and "pilot" not in fixed
+    assert fixed["nfe"] == 8 and "pilot" not in fixed and "configuration" not in fixed
+    many = _run(tmp_path / "e", "solver=default", "steps=100")
+    assert many["nfe"] == 100 and "pilot" not in many
+    assert many["configuration"] == CONVERGED.label
     with pytest.raises(ValueError, match="inpainting needs a named solver"):
         _run(tmp_path / "d", "solver=default", "model.dim=4", "model.kind=random",
              "inpaint.mask=half")  # fmt: skip

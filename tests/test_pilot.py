@@ -119,7 +119,7 @@ def test_from_the_smallest_piloted_step_on_the_default_converges_to_the_referenc
     exact = tweedie_step(score, sde, mix.pf_ode_solution(x_T, sde.T, t_min, sde), t_min)
     res = sample(score, sde, x_T, steps=steps, return_info=True)
     assert res.pilot is None and res.pilot_evaluations == 0 and res.nfe == steps
-    assert res.solver == CONVERGED.solver
+    assert res.solver == CONVERGED.solver and res.configuration == CONVERGED
     assert float((res.samples - exact).pow(2).sum(1).mean().sqrt()) < 2e-5
     on_edm = sample(score, sde, x_T, steps=steps, grid="edm", return_info=True)
     assert on_edm.pilot is None
@@ -295,7 +295,7 @@ def test_the_chosen_configuration_is_what_runs():
     for steps in (4, 12):
         res = sample(mix.score_fn(sde), sde, x_T, steps=steps, return_info=True)
         best = res.pilot.candidate
-        assert res.solver == best.solver and res.nfe == steps
+        assert res.solver == best.solver and res.nfe == steps and res.configuration == best
         torch.testing.assert_close(res.ts, best.grid_for(sde, steps))
         direct = run_candidate(mix.score_fn(sde), sde, x_T, best, best.grid_for(sde, steps))
         torch.testing.assert_close(res.samples, direct)
@@ -310,6 +310,7 @@ def test_what_the_caller_fixes_is_not_piloted():
     for kw in ({"pilot": 0}, {"t_end": 0.01}, {"denoise": True}, {"order": 2}):
         res = sample(score_fn, sde, (4, 2), steps=6, return_info=True, **kw)
         assert res.pilot is None and res.pilot_evaluations == 0 and res.solver == "dpm_solver", kw
+        assert res.configuration is None, kw
     res = sample(score_fn, sde, (4, 2), steps=6, grid="edm", return_info=True)
     assert res.pilot.candidate.grid == "edm" and {c.grid for c in res.pilot.errors} == {"edm"}
 

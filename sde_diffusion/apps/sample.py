@@ -115,6 +115,8 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
                     **common,
                 )
                 out_x, used = result.samples, result.nfe
+                if result.configuration is not None:
+                    record["configuration"] = result.configuration.label
                 if result.pilot is not None:
                     record["pilot"] = {
                         "choice": result.pilot.candidate.label,

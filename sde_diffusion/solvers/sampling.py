@@ -36,6 +36,7 @@ from .pilot import (
     CANDIDATES,
     CONVERGED,
     PILOT_DRAWS,
+    Candidate,
     PilotChoice,
     cached_choice,
     mean_log_snr_step,
@@ -82,6 +83,9 @@ class SampleResult:
     solver: str = ""
     pilot: PilotChoice | None = None
     pilot_evaluations: int = 0
+    #: the default's configuration that ran: the pilot's choice, or `pilot.CONVERGED` where no
+    #: pilot runs (None for a named solver and for the fixed configuration)
+    configuration: Candidate | None = None
 
 
 def sample(
@@ -142,7 +146,7 @@ def sample(
     x = initial_state(sde, shape_or_x_T, noise, device, dtype)
     if seeds is not None:
         check_seeds(seeds, x.shape[0])
-    choice, pilot_evaluations = None, 0
+    choice, pilot_evaluations, best = None, 0, None
     if solver is None:
         pilot = check_int(pilot, "pilot", 0)
         chosen_elsewhere = isinstance(grid, Tensor) or t_end is not None or denoise is not None
@@ -188,7 +192,7 @@ def sample(
             trajectory.append(x)
     if not return_info:
         return x
-    return SampleResult(x, counted.nfe, ts, trajectory, spec.name, choice, pilot_evaluations)
+    return SampleResult(x, counted.nfe, ts, trajectory, spec.name, choice, pilot_evaluations, best)
 
 
 def _pilot(
