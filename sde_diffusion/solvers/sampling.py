@@ -154,11 +154,12 @@ def sample(
             steps = check_int(steps, "steps")
             if grid is not None:
                 check_choice("grid", grid, GRIDS)
-            best = replace(CONVERGED, grid=grid or CONVERGED.grid)
             if pilots(sde, steps):
                 choice, fresh = _pilot(score_fn, sde, steps, x, pilot, grid, progress)
                 pilot_evaluations = choice.evaluations if fresh else 0
                 best = choice.candidate
+            else:
+                best = replace(CONVERGED, grid=grid or CONVERGED.grid)
             solver, solver_params, denoise = best.solver, best.params, best.denoise
             grid = best.grid_for(sde, steps)
         else:
