@@ -140,6 +140,7 @@ CASES: list[Case] = [
     ("sample: unknown grid", lambda: sample_(grid="linear"), ValueError, ("grid", "'linear'", "uniform", "log_snr", "edm", "quadratic")),
     ("sample: increasing grid", lambda: sample_(grid=UP), ValueError, ("grid", "strictly decrease", "grid[0]=")),
     ("sample: unknown solver", lambda: sample_(solver="rk45"), ValueError, ("solver", "'rk45'", "dpm_solver", "unipc", "heun")),
+    ("sample: unknown denoise", lambda: sample_(denoise="heun"), ValueError, ("denoise", "'heun'", "True", "'tweedie'", "'trapezoid'")),
     ("sample: solver a function", lambda: sample_(solver=ddim), TypeError, ("solver", "SolverSpec", "function")),
     ("sample: integer x_T", lambda: sample_(shape_or_x_T=X.long()), ValueError, ("x_T.dtype", "floating-point", "torch.int64")),
     ("sample: x_T with inf", lambda: sample_(shape_or_x_T=X / 0), ValueError, ("x_T", "NaN or inf")),

@@ -9,8 +9,10 @@ from dataclasses import replace
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from sde_diffusion import VESDE, VPSDE, DiscreteVPSDE, GaussianMixture
+from sde_diffusion import VESDE, VPSDE, DiscreteVPSDE, GaussianMixture, SubVPSDE
 from sde_diffusion.solvers import sample
 from sde_diffusion.solvers.pilot import (
     CANDIDATES,
@@ -31,6 +33,7 @@ from sde_diffusion.solvers.pilot import (
     pilots,
     run_candidate,
     shared_misses,
+    trapezoid_step,
     tweedie_step,
 )
 
@@ -46,7 +49,7 @@ def _gaussian(dim: int = 4, spread: float = 60.0, seed: int = 5) -> GaussianMixt
 @pytest.mark.parametrize("steps", [5, 10])
 def test_the_choice_is_the_candidate_closest_to_the_closed_form_flow(steps):
     """Every candidate's distance to the exact reference of the same draws (the Gaussian's flow
-    in closed form to t_min, then the Tweedie step, as `exact_flow` ends), computed here
+    in closed form to t_min, then the trapezoidal step, as `exact_flow` ends), computed here
     independently of the pilot's dopri5 reference: the pilot's errors agree with these to 10%,
     and its choice is within TIE of the closest (and 10% for the reference's own error), the
     candidate of least moment error among the ties. A Gaussian's flow has no jump, so no
@@ -54,7 +57,9 @@ def test_the_choice_is_the_candidate_closest_to_the_closed_form_flow(steps):
     mix, sde = _gaussian(), DiscreteVPSDE.ddpm()
     x_T = pilot_draws(sde, torch.zeros(1, 4, dtype=torch.float64), 128)
     t_min = torch.tensor(float(sde.t_min), dtype=torch.float64)
-    exact = tweedie_step(mix.score_fn(sde), sde, mix.pf_ode_solution(x_T, sde.T, t_min, sde), t_min)
+    exact = trapezoid_step(
+        mix.score_fn(sde), sde, mix.pf_ode_solution(x_T, sde.T, t_min, sde), t_min
+    )
     choice = choose(mix.score_fn(sde), sde, steps, x_T)
     closed = {}
     for c in (c for c in CANDIDATES if c.fits(steps)):
@@ -70,16 +75,16 @@ def test_the_choice_is_the_candidate_closest_to_the_closed_form_flow(steps):
 
 
 @pytest.mark.parametrize("sde", [DiscreteVPSDE.ddpm(), VPSDE()], ids=["ddpm", "vp"])
-def test_the_sigma_min_end_jumps_from_t_min_as_the_reference_does(sde):
+def test_the_sigma_min_end_steps_from_t_min_as_the_reference_does(sde):
     """The "sigma_min" end: x0 interpolation on a grid to the schedule's t_min, one evaluation
-    fewer, then the Tweedie jump from there (Karras et al.'s ending, and `exact_flow`'s own).
-    On a Gaussian with a 1000x spread it converges to the closed-form flow to t_min followed by
-    that jump at third order or better in the step, while the half-step jump keeps the
+    fewer, then the trapezoidal step to sigma = 0 from there (`exact_flow`'s own end). On a
+    Gaussian with a 1000x spread it converges to the closed-form flow to t_min followed by that
+    step at third order or better in the step, while the half-step Tweedie jump keeps the
     collapse of the posterior mean at its start (first order in it)."""
     mix = _gaussian(spread=1000.0)
     score, t_min = mix.score_fn(sde), torch.tensor(float(sde.t_min), dtype=torch.float64)
     x_T = pilot_draws(sde, torch.zeros(1, 4, dtype=torch.float64), 64)
-    exact = tweedie_step(score, sde, mix.pf_ode_solution(x_T, sde.T, t_min, sde), t_min)
+    exact = trapezoid_step(score, sde, mix.pf_ode_solution(x_T, sde.T, t_min, sde), t_min)
 
     def error(end: str, steps: int) -> float:
         c = Candidate("unipc", "data", "log_snr", end)
@@ -89,6 +94,52 @@ def test_the_sigma_min_end_jumps_from_t_min_as_the_reference_does(sde):
 
     assert error("sigma_min", 20) > 8 * error("sigma_min", 40)
     assert error("sigma_min", 40) < 1e-6 and error("tweedie", 40) > 100 * error("sigma_min", 40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    log_ratio=st.floats(-6.0, 6.0).filter(lambda u: abs(u + math.log(8)) > 0.05),
+    schedule=st.sampled_from(["ddpm", "scaled_linear", "vp", "subvp"]),
+)
+def test_the_trapezoidal_step_is_the_flow_to_zero_but_for_data_narrower_than_the_noise(
+    log_ratio, schedule
+):
+    """On a 1-D Gaussian N(mu, v), from its exact marginal at t_min (s = sigma / gamma there),
+    the exact flow to t = 0 (closed form, `pf_ode_solution`) scales x / gamma - mu by sqrt(r),
+    r = v / (v + s^2); the trapezoidal step scales it by (1 + r) / 2 and the Tweedie jump by r.
+    So the trapezoid's error is (1 - sqrt(r)) / (2 sqrt(r)) times the jump's, and it is the
+    closer of the two exactly where v > s^2 / 8."""
+    sde = {"ddpm": DiscreteVPSDE.ddpm, "scaled_linear": DiscreteVPSDE.scaled_linear,
+           "vp": VPSDE, "subvp": SubVPSDE}[schedule]()  # fmt: skip
+    t_min = torch.tensor(float(sde.t_min), dtype=torch.float64)
+    gamma, sigma = (float(v) for v in sde.marginal(t_min))
+    s2 = (sigma / gamma) ** 2
+    v, mu = s2 * math.exp(log_ratio), 0.3
+    mix = GaussianMixture.gaussian(torch.tensor([mu]), torch.tensor([[v]]))
+    z = torch.linspace(-2.0, 2.0, 9, dtype=torch.float64)[:, None]
+    x = gamma * mu + math.sqrt(gamma**2 * v + sigma**2) * z
+    exact = mix.pf_ode_solution(x, t_min, 0.0, sde)
+    trapezoid = trapezoid_step(mix.score_fn(sde), sde, x, t_min)
+    jump = tweedie_step(mix.score_fn(sde), sde, x, t_min)
+    r = v / (v + s2)
+    torch.testing.assert_close(trapezoid, mu + (1 + r) / 2 * (x / gamma - mu))
+    torch.testing.assert_close(exact, mu + math.sqrt(r) * (x / gamma - mu))
+    far = (z.abs() > 0).squeeze(1)
+    ratio = (trapezoid - exact)[far].abs() / (jump - exact)[far].abs()
+    torch.testing.assert_close(ratio, torch.full_like(ratio, (1 - r**0.5) / (2 * r**0.5)))
+    assert bool((ratio < 1).all()) == (v > s2 / 8)
+
+
+def test_a_named_solver_with_the_trapezoidal_step_ends_its_grid_at_t_min():
+    """`sample(..., denoise="trapezoid")`: the solver on its grid to t_min (not to the half-step
+    end of the Tweedie step), then `trapezoid_step` from there, one evaluation more."""
+    sde, mix = VPSDE(), _gaussian()
+    score = mix.score_fn(sde)
+    x_T = pilot_draws(sde, torch.zeros(1, 4, dtype=torch.float64), 8)
+    res = sample(score, sde, x_T, "unipc", 10, denoise="trapezoid", return_info=True)
+    plain = sample(score, sde, x_T, "unipc", 10, denoise=False, return_info=True)
+    assert float(res.ts[-1]) == sde.t_min and res.nfe == plain.nfe + 1
+    torch.testing.assert_close(res.samples, trapezoid_step(score, sde, plain.samples, res.ts[-1]))
 
 
 def _log_snr_range(sde: VPSDE | VESDE) -> float:
@@ -108,7 +159,7 @@ def _log_snr_range(sde: VPSDE | VESDE) -> float:
 def test_from_the_smallest_piloted_step_on_the_default_converges_to_the_reference_unpiloted(sde):
     """Where the mean log-SNR step is at most PILOT_MIN_STEP (96 steps on VP, 129 on VE) the
     default runs no pilot: CONVERGED, NFE = steps, its samples within 2e-5 (rms) of the
-    closed-form flow to t_min followed by the Tweedie jump, the pilot's reference (on VP the
+    closed-form flow to t_min followed by the trapezoidal step, the pilot's reference (on VP the
     noise left at t_min alone is 7e-4). One step fewer is piloted; a grid kind still applies."""
     steps = math.ceil(_log_snr_range(sde) / PILOT_MIN_STEP)
     assert pilots(sde, steps - 1) and not pilots(sde, steps)
@@ -116,7 +167,7 @@ def test_from_the_smallest_piloted_step_on_the_default_converges_to_the_referenc
     score, t_min = mix.score_fn(sde), torch.tensor(float(sde.t_min), dtype=torch.float64)
     x_T = sde.prior_std() * torch.randn(64, 4, generator=torch.Generator().manual_seed(0),
                                         dtype=torch.float64)  # fmt: skip
-    exact = tweedie_step(score, sde, mix.pf_ode_solution(x_T, sde.T, t_min, sde), t_min)
+    exact = trapezoid_step(score, sde, mix.pf_ode_solution(x_T, sde.T, t_min, sde), t_min)
     res = sample(score, sde, x_T, steps=steps, return_info=True)
     assert res.pilot is None and res.pilot_evaluations == 0 and res.nfe == steps
     assert res.solver == CONVERGED.solver and res.configuration == CONVERGED

@@ -66,6 +66,23 @@ def test_exact_kl_of_an_affine_sampler_is_its_output_law():
     assert 0 <= kl < 1e-4
 
 
+def test_the_mixtures_judge_is_the_flow_to_the_data():
+    """The mixtures' reference goes on from t_min to sigma = 0 (`flow_to_data`), which no
+    sampler's score on [t_min, T] sees: on a Gaussian with a variance of 5e-4, as narrow as the
+    noise at t_min under DDPM and Stable Diffusion's betas, it is the closed-form flow to t = 0
+    to 1e-6, where x / gamma at t_min is up to 0.03 away; under VE, which ends at noise 1e-4,
+    it moves little."""
+    mix = bench.anisotropic(6, 4000.0, 3)
+    for schedule, far in (("ddpm", 3e-3), ("scaled_linear", 2e-2), ("ve", 0.0)):
+        sde = bench.SCHEDULES[schedule]()
+        x_T = sde.prior_std() * bench._normal(32, 6, 1)
+        x = mix.pf_ode_solution(x_T, sde.T, sde.t_min, sde)
+        exact = mix.pf_ode_solution(x_T, sde.T, 0.0, sde)
+        torch.testing.assert_close(bench.flow_to_data(mix, sde, x), exact, rtol=0, atol=1e-5)
+        gamma = float(sde.marginal(torch.tensor(float(sde.t_min)))[0])
+        assert float((x / gamma - exact).abs().max()) > far
+
+
 def test_diffusers_ddim_on_trailing_timesteps_is_our_ddim():
     """diffusers' DDIM on "trailing" timesteps k = 999, 899, ..., 99 is our DDIM on the grid
     t = (k + 1) / 1000 followed by the Tweedie step: the harness feeds it the same score."""

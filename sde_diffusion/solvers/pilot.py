@@ -2,22 +2,23 @@
 come closest to the exact probability-flow map on a batch of prior draws.
 
 At 5-20 evaluations a deterministic sampler's error is decided by a few choices: the grid (where the
-steps go in log-SNR), the end (stop at t_min, take the polynomial's own step to sigma = 0, or a
-Tweedie jump from half or a full step above 0 or from t_min), the interpolated output (x0 or eps),
-the order of the polynomial (2 or 3), whether UniPC's corrector runs and how it weighs its first
-correction, and the weight of the third-order curvature term. Which combination is best depends on
-the data, not on the schedule alone: on the problem suite of benchmarks/steps_vs_quality.py no
-single one comes within 1.5x of the best peer setting on every problem at NFE 5-20, while the best
-of them beats it on almost all. The error that matters is the distance to the flow map x_T -> x_0
-that every deterministic sampler approximates, and it can be measured: solve the flow accurately
-(adaptive dopri5) from a few hundred prior draws once, run every candidate from the same draws, keep
-the closest in mean squared distance. Candidates within TIE of the closest, which the pilot cannot
-tell apart, go to the one whose samples' mean and covariance match the flow's best (Gaussian KL in
-the flow's leading directions): squared distance weighs a direction by its absolute scale, so a
-collapsed or inflated small-variance direction (blur, in an image) barely moves it, while the KL
-weighs it relatively. That is the spirit of the optimised schedules of Watson et al. (2021), Sabour
-et al. ("Align Your Steps", 2024) and Xue et al. (2024), restricted to a finite family so that it
-costs a fixed number of evaluations and cannot overfit the pilot.
+steps go in log-SNR), the end (stop at t_min, take the polynomial's own step to sigma = 0, a Tweedie
+jump from half or a full step above 0, or the trapezoidal step to sigma = 0 from t_min), the
+interpolated output (x0 or eps), the order of the polynomial (2 or 3), whether UniPC's corrector
+runs and how it weighs its first correction, and the weight of the third-order curvature term. Which
+combination is best depends on the data, not on the schedule alone: on the problem suite of
+benchmarks/steps_vs_quality.py no single one comes within 1.5x of the best peer setting on every
+problem at NFE 5-20, while the best of them beats it on almost all. The error that matters is the
+distance to the flow map x_T -> x_0 that every deterministic sampler approximates, and it can be
+measured: solve the flow accurately (adaptive dopri5) from a few hundred prior draws once, run every
+candidate from the same draws, keep the closest in mean squared distance. Candidates within TIE of
+the closest, which the pilot cannot tell apart, go to the one whose samples' mean and covariance
+match the flow's best (Gaussian KL in the flow's leading directions): squared distance weighs a
+direction by its absolute scale, so a collapsed or inflated small-variance direction (blur, in an
+image) barely moves it, while the KL weighs it relatively. That is the spirit of the optimised
+schedules of Watson et al. (2021), Sabour et al. ("Align Your Steps", 2024) and Xue et al. (2024),
+restricted to a finite family so that it costs a fixed number of evaluations and cannot overfit the
+pilot.
 
 On a multimodal target the flow map jumps where x_T crosses a boundary between the basins of two
 modes, and a sampler whose own boundary lies a little off sends the draws in between to the other
@@ -60,6 +61,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .._tensor import append_dims
 from ..metrics import gaussian_kl
 from ..parametrize import tweedie_x0
 from ..sde import SDE, ScoreFn
@@ -70,6 +72,7 @@ __all__ = [
     "BOUNDARY_ARCS",
     "CANDIDATES",
     "CONVERGED",
+    "FINAL_STEPS",
     "PILOT_DRAWS",
     "PILOT_MIN_STEP",
     "TIE",
@@ -86,6 +89,8 @@ __all__ = [
     "pilots",
     "run_candidate",
     "shared_misses",
+    "trapezoid_step",
+    "tweedie_step",
 ]
 
 K = TypeVar("K")
@@ -123,7 +128,7 @@ SHARED_MISSES = 1 / 16
 #: how a candidate's samples end: "t_min" (the grid's end), "zero" (the eps polynomial's own
 #: step to sigma = 0, no evaluation), "tweedie" and "trailing" (one step fewer, then
 #: x0 = E[x_0 | x_t] from `grids.final_time`: a jump of half an equal step, or of a full one),
-#: "sigma_min" (one step fewer to t_min, then the jump from there: Karras et al.'s ending)
+#: "sigma_min" (one step fewer to t_min, then `trapezoid_step` from there to sigma = 0)
 ENDS = ("t_min", "zero", "tweedie", "trailing", "sigma_min")
 #: the share of an equal step that the Tweedie jump of each Tweedie end makes (None: from t_min)
 JUMP_SHARE = {"tweedie": 0.5, "trailing": 1.0, "sigma_min": None}
@@ -142,8 +147,11 @@ class Candidate:
     first_corrector: str = "exact"  # UniPC's, `expint.FIRST_CORRECTORS`
 
     @property
-    def denoise(self) -> bool:
-        return self.end in JUMP_SHARE
+    def denoise(self) -> bool | str:
+        """`sample()`'s denoise for it: False, or the kind of its last step (FINAL_STEPS)."""
+        if self.end not in JUMP_SHARE:
+            return False
+        return "trapezoid" if self.end == "sigma_min" else "tweedie"
 
     @property
     def params(self) -> dict[str, object]:
@@ -164,7 +172,7 @@ class Candidate:
 
     def fits(self, steps: int) -> bool:
         """Whether `steps` evaluations leave this candidate at least one step."""
-        return steps >= 1 + self.denoise
+        return steps >= 1 + bool(self.denoise)
 
     def grid_for(self, sde: SDE, steps: int) -> Tensor:
         """Its grid for `steps` evaluations: the Tweedie step is one of them."""
@@ -213,12 +221,12 @@ CANDIDATES = tuple(
 #: the smallest mean log-SNR step over [t_min, T] at which the default runs its pilot. With
 #: smaller steps (from 96-99 steps on DDPM, VP and cosine, 63 on scaled-linear, 129 on VE, 142 on
 #: sub-VP) every candidate has all but reached its own limit, and the limits are two: the flow
-#: to t_min, and that flow with the Tweedie jump from t_min, which is the pilot's reference
+#: to t_min, and that flow with the trapezoidal step from t_min, which is the pilot's reference
 #: (`exact_flow`). Nothing is left to choose, at the pilot's full price, the cost of 25,000-41,000
 #: samples at the same steps (docs/default_sampler.md, "Many steps")
 PILOT_MIN_STEP = 0.1
 #: what the default runs instead of a pilot at those steps: the family's member on log-SNR steps
-#: that ends with the jump from t_min, whose limit is the pilot's reference
+#: that ends with the step from t_min, whose limit is the pilot's reference
 CONVERGED = Candidate("unipc", "data", "log_snr", "sigma_min")
 
 
@@ -409,21 +417,48 @@ def run_candidate(
 ) -> Tensor:
     """A candidate's samples from x_T on the grid ts (its Tweedie step included)."""
     x = get_solver(candidate.solver).run(score_fn, sde, x_T, ts.to(x_T), **candidate.params)
-    return tweedie_step(score_fn, sde, x, ts[-1]) if candidate.denoise else x
+    step = candidate.denoise
+    return FINAL_STEPS[step](score_fn, sde, x, ts[-1]) if step else x
 
 
 def exact_flow(score_fn: ScoreFn, sde: SDE, x_T: Tensor) -> Tensor:
-    """The probability-flow map of x_T: dopri5 at REFERENCE_TOL to t_min, then Tweedie."""
+    """The probability-flow map of x_T: dopri5 at REFERENCE_TOL to t_min, then the trapezoidal
+    step to sigma = 0 (`trapezoid_step`)."""
     ts = torch.tensor([float(sde.T), float(sde.t_min)], dtype=x_T.dtype, device=x_T.device)
     tol = {"rtol": REFERENCE_TOL, "atol": REFERENCE_TOL}
     x = get_solver("ode").run(score_fn, sde, x_T, ts, **tol)
-    return tweedie_step(score_fn, sde, x, ts[-1])
+    return trapezoid_step(score_fn, sde, x, ts[-1])
 
 
 def tweedie_step(score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor) -> Tensor:
     """The jump from the grid's last time t to E[x_0 | x_t] (one evaluation)."""
     t = t.to(x).expand(x.shape[0])
     return tweedie_x0(x, t, score_fn(x, t), sde)
+
+
+def trapezoid_step(score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor) -> Tensor:
+    """The step from t (t_min) to sigma = 0 by the trapezoidal rule (one evaluation).
+
+    In y = x / gamma and s = sigma / gamma the flow is dy/ds = (y - D(y, s)) / s with D the
+    Tweedie x0 (Karras et al. 2022, eq. 4 with sigma = s); its slope -s grad log p_s(y) vanishes
+    at s = 0 wherever the data's density is smooth at the scale s, so the trapezoidal rule over
+    [0, s] gives y_0 = (y + D) / 2. The Tweedie jump y_0 = D is the Euler step, exact only for
+    data far narrower than s. On a Gaussian direction of variance v, with r = v / (v + s^2), the
+    flow scales y - mu by sqrt(r), the trapezoid by (1 + r) / 2 and the jump by r, which
+    collapses directions of variance comparable to s^2: the trapezoid is the closer unless
+    v < s^2 / 8 (docs/default_sampler.md, "The step below t_min").
+    """
+    t = t.to(x).expand(x.shape[0])
+    gamma = append_dims(sde.marginal(sde.time(t, x))[0], x.ndim)
+    return 0.5 * (x / gamma + tweedie_x0(x, t, score_fn(x, t), sde))
+
+
+#: the last step to sigma = 0 that `sample(denoise=...)` names: the Tweedie jump, the Euler step
+#: (True), or the trapezoidal step, for a grid that ends at t_min
+FINAL_STEPS: dict[str, Callable[[ScoreFn, SDE, Tensor, Tensor], Tensor]] = {
+    "tweedie": tweedie_step,
+    "trapezoid": trapezoid_step,
+}
 
 
 def flow_error(x: Tensor, reference: Tensor, boundaries: Boundaries | None = None) -> float:

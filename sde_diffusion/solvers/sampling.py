@@ -35,13 +35,13 @@ from .grids import GRIDS, resolve_grid
 from .pilot import (
     CANDIDATES,
     CONVERGED,
+    FINAL_STEPS,
     PILOT_DRAWS,
     Candidate,
     PilotChoice,
     cached_choice,
     mean_log_snr_step,
     pilots,
-    tweedie_step,
 )
 
 __all__ = ["CORRECTOR_MAX_STEP", "DEFAULT_PARAMS", "SampleResult", "default_solver", "sample"]
@@ -96,7 +96,7 @@ def sample(
     steps: int = 20,
     grid: str | Tensor | None = None,
     t_end: float | None = None,
-    denoise: bool | None = None,
+    denoise: bool | str | None = None,
     generator: torch.Generator | None = None,
     seeds: Sequence[int] | None = None,
     device: torch.device | str | None = None,
@@ -119,16 +119,19 @@ def sample(
         (README, "The default"). Where the mean log-SNR step is at most
         `pilot.PILOT_MIN_STEP` (some 100 steps or more) no pilot runs: every candidate is then
         all but converged, and `pilot.CONVERGED` is the one that converges to the pilot's
-        reference, the flow with the Tweedie jump from t_min.
+        reference, the flow with the trapezoidal step to sigma = 0 from t_min.
         pilot=0, a grid tensor, t_end, denoise or solver_params: `default_solver(sde, steps)`
         with DEFAULT_PARAMS (which solver_params override) and no Tweedie step: NFE = steps.
     steps / grid: `steps` intervals of the grid kind `grid` (default: the solver's own), or
         `grid` as an explicit strictly decreasing tensor of times (then `steps` is ignored).
-    t_end: where the grid stops. Default: sde.t_min, or with `denoise` (solvers whose grid sets
-        their evaluations, all but the adaptive `ode`) `grids.final_time`: T / (2 steps + 1)
-        while that is above t_min, so that the Tweedie jump to t = 0 is half a grid step.
-    denoise: finish with the Tweedie step x0 = (x + sigma^2 s(x, t_end)) / gamma (one more NFE);
-        default: True for a named solver, False for the default configuration.
+    t_end: where the grid stops. Default: sde.t_min, or with the Tweedie step (solvers whose
+        grid sets their evaluations, all but the adaptive `ode`) `grids.final_time`: T / (2 steps
+        + 1) while that is above t_min, so that the Tweedie jump to t = 0 is half a grid step.
+    denoise: finish with a step to t = 0 (one more NFE): True or "tweedie", the Tweedie step
+        x0 = (x + sigma^2 s(x, t_end)) / gamma; "trapezoid", the trapezoidal rule to sigma = 0
+        (`pilot.trapezoid_step`: for a grid to t_min, where the data's density is smooth at the
+        scale sigma / gamma); False: none. Default: True for a named solver, the configuration's
+        own for the default.
     generator / seeds: noise from one generator for the batch, or per-sample seeds so that each
         sample's trajectory depends on its own seed only (not both).
     return_info: return a SampleResult with the NFE (counted, never computed; a pilot's cost,
@@ -165,13 +168,14 @@ def sample(
         else:
             n = len(grid) - 1 if isinstance(grid, Tensor) else steps
             solver, solver_params = default_solver(sde, n), {**DEFAULT_PARAMS, **solver_params}
-            denoise = bool(denoise)
-    denoise = True if denoise is None else denoise
+            denoise = False if denoise is None else denoise
+    final = final_step(True if denoise is None else denoise)
     spec = get_solver(solver) if isinstance(solver, str) else solver
     if not isinstance(spec, SolverSpec):
         raise TypeError(f"solver must be a solver name or a SolverSpec, got {describe(solver)}")
     spec.check_params(solver_params)
-    ts = resolve_grid(sde, grid, steps, spec.default_grid, t_end, denoise and spec.grid_sets_nfe)
+    half_step_end = final == "tweedie" and spec.grid_sets_nfe
+    ts = resolve_grid(sde, grid, steps, spec.default_grid, t_end, half_step_end)
     counted = CheckedScore(score_fn)
     trajectory: list[Tensor] = [x] if return_trajectory else []
     bar = tqdm(total=len(ts) - 1, desc=spec.name, disable=not progress, leave=False)
@@ -187,13 +191,23 @@ def sample(
         params["noise"] = noise
     with bar:
         x = spec.run(counted, sde, x, ts.to(x.device, x.dtype), **params)
-    if denoise:
-        x = tweedie_step(counted, sde, x, ts[-1])
+    if final:
+        x = FINAL_STEPS[final](counted, sde, x, ts[-1])
         if return_trajectory:
             trajectory.append(x)
     if not return_info:
         return x
     return SampleResult(x, counted.nfe, ts, trajectory, spec.name, choice, pilot_evaluations, best)
+
+
+def final_step(denoise: bool | str) -> str | None:
+    """`sample()`'s denoise as the name of its last step (a key of FINAL_STEPS), or None."""
+    if isinstance(denoise, bool):
+        return "tweedie" if denoise else None
+    if isinstance(denoise, str) and denoise in FINAL_STEPS:
+        return denoise
+    valid = ", ".join(["True", "False", *map(repr, FINAL_STEPS)])
+    raise ValueError(f"unknown denoise {denoise!r}; valid choices: {valid}")
 
 
 def _pilot(

@@ -109,7 +109,7 @@ class TunedGrid:
     initial_switch_error: float = 0.0
     solver: str = "unipc"
     params: dict = field(default_factory=dict)
-    denoise: bool = True
+    denoise: bool | str = True
 
     @property
     def kwargs(self) -> dict[str, object]:
