@@ -35,7 +35,7 @@ Errors:
   are scored by the KL of their samples' mean and covariance (GAUSS_SAMPLES of them; the bias of
   that estimate, about D (D + 3) / (4 n) nats, is printed as their floor).
 - mixtures: sliced W2 between the samples and the exact probability-flow map of the same x_T
-  (dopri5 at FLOW_TOL): coupled through x_T it is free of sampling noise for deterministic
+  to the data (dopri5 at FLOW_TOL to t_min, and `flow_to_data` on to sigma = 0): coupled through x_T it is free of sampling noise for deterministic
   samplers (stochastic ones are not coupled to the flow and stay at the sampling-noise level),
   except for the rare draws that a sampler sends to another mode than the flow does: at a rate
   of 1 in 1000, MIX_SAMPLES = 1000 draws see 0-3 of them. `--mix-samples 20000` measures those

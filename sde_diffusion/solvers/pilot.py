@@ -175,7 +175,7 @@ class Candidate:
         return steps >= 1 + bool(self.denoise)
 
     def grid_for(self, sde: SDE, steps: int) -> Tensor:
-        """Its grid for `steps` evaluations: the Tweedie step is one of them."""
+        """Its grid for `steps` evaluations: its last step to sigma = 0 is one of them."""
         if self.denoise:
             share = JUMP_SHARE[self.end]
             t_end = None if share is None else final_time(sde, steps - 1, share)
@@ -194,9 +194,9 @@ class Candidate:
 
 #: the family the pilot chooses from: predictor or predictor-corrector of order 2 or 3, on each
 #: grid kind, either interpolating eps to t_min (with or without the step to sigma = 0) or x0
-#: with a Tweedie jump of half or a full step, or from t_min on the grids whose last step there
-#: is short in log-SNR (on one uniform or quadratic in t, an x0 step of many units of log-SNR is
-#: itself nearly the jump from its start: that end would repeat the trailing one); the
+#: with a Tweedie jump of half or a full step, or with the trapezoidal step from t_min on the
+#: grids whose last step there is short in log-SNR (on one uniform or quadratic in t, an x0 step
+#: of many units of log-SNR is itself nearly the jump from its start); the
 #: third-order predictor also with half its curvature term, the 3M of the reference DPM-Solver,
 #: diffusers and k-diffusion; UniPC with the trailing end also with the paper's first
 #: corrector: diffusers' UniPC, on each grid kind
@@ -220,8 +220,8 @@ CANDIDATES = tuple(
 
 #: the smallest mean log-SNR step over [t_min, T] at which the default runs its pilot. With
 #: smaller steps (from 96-99 steps on DDPM, VP and cosine, 63 on scaled-linear, 129 on VE, 142 on
-#: sub-VP) every candidate has all but reached its own limit, and the limits are two: the flow
-#: to t_min, and that flow with the trapezoidal step from t_min, which is the pilot's reference
+#: sub-VP) every candidate has all but reached its own limit: the flow to t_min, that flow with
+#: the Tweedie jump from t_min, or with the trapezoidal step from t_min, the pilot's reference
 #: (`exact_flow`). Nothing is left to choose, at the pilot's full price, the cost of 25,000-41,000
 #: samples at the same steps (docs/default_sampler.md, "Many steps")
 PILOT_MIN_STEP = 0.1
@@ -415,7 +415,7 @@ def pilot_draws(sde: SDE, like: Tensor, draws: int = PILOT_DRAWS, seed: int = PI
 def run_candidate(
     score_fn: ScoreFn, sde: SDE, x_T: Tensor, candidate: Candidate, ts: Tensor
 ) -> Tensor:
-    """A candidate's samples from x_T on the grid ts (its Tweedie step included)."""
+    """A candidate's samples from x_T on the grid ts (its last step to sigma = 0 included)."""
     x = get_solver(candidate.solver).run(score_fn, sde, x_T, ts.to(x_T), **candidate.params)
     step = candidate.denoise
     return FINAL_STEPS[step](score_fn, sde, x, ts[-1]) if step else x
