@@ -193,10 +193,10 @@ class Candidate:
 
 
 #: the family the pilot chooses from: predictor or predictor-corrector of order 2 or 3, on each
-#: grid kind, either interpolating eps to t_min (with or without the step to sigma = 0) or x0
-#: with a Tweedie jump of half or a full step, or with the trapezoidal step from t_min on the
-#: grids whose last step there is short in log-SNR (on one uniform or quadratic in t, an x0 step
-#: of many units of log-SNR is itself nearly the jump from its start); the
+#: grid kind, interpolating eps to t_min (with or without its own step to sigma = 0) or x0 with a
+#: Tweedie jump of half or a full step, and either with the trapezoidal step from t_min on the
+#: grids whose last step there is short in log-SNR (on one uniform or quadratic in t, a step of
+#: many units of log-SNR is itself nearly the jump from its start); the
 #: third-order predictor also with half its curvature term, the 3M of the reference DPM-Solver,
 #: diffusers and k-diffusion; UniPC with the trailing end also with the paper's first
 #: corrector: diffusers' UniPC, on each grid kind
@@ -208,6 +208,7 @@ CANDIDATES = tuple(
     for prediction, end in (
         ("noise", "t_min"),
         ("noise", "zero"),
+        ("noise", "sigma_min"),
         ("data", "tweedie"),
         ("data", "trailing"),
         ("data", "sigma_min"),
@@ -222,7 +223,7 @@ CANDIDATES = tuple(
 #: smaller steps (from 96-99 steps on DDPM, VP and cosine, 63 on scaled-linear, 129 on VE, 142 on
 #: sub-VP) every candidate has all but reached its own limit: the flow to t_min, that flow with
 #: the Tweedie jump from t_min, or with the trapezoidal step from t_min, the pilot's reference
-#: (`exact_flow`). Nothing is left to choose, at the pilot's full price, the cost of 25,000-41,000
+#: (`exact_flow`). Nothing is left to choose, at the pilot's full price, the cost of 28,000-45,000
 #: samples at the same steps (docs/default_sampler.md, "Many steps")
 PILOT_MIN_STEP = 0.1
 #: what the default runs instead of a pilot at those steps: the family's member on log-SNR steps
