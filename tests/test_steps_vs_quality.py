@@ -189,10 +189,11 @@ def test_trained_fresh_table_takes_the_best_peer_of_the_first_draw():
 
 
 def test_trained_judge_measures_the_distance_to_the_networks_own_flow():
-    """The trained benchmark's flow metric scores samples against the probability-flow map of
+    """The trained benchmark's flow metrics score samples against the probability-flow map of
     their own x_T: an independent accurate solve of that flow (the oracle's score in place of a
-    network) scores near 0, and a coarse DDIM run far from it, while both stay about as far from
-    the data as the flow itself is."""
+    network) scores near 0 against the flow that ends with the Tweedie jump, as it does, and a
+    coarse DDIM run far from both, while both stay about as far from the data as the flow itself
+    is. The two ends differ by less than 1e-3 on this ring of std 0.2."""
     trained = _load("steps_vs_quality_trained")
     mixture = GaussianMixture.ring(4, radius=2.0, std=0.2)
     sde, g = VPSDE(), torch.Generator().manual_seed(3)
@@ -202,8 +203,11 @@ def test_trained_judge_measures_the_distance_to_the_networks_own_flow():
     metrics = trained.judge(score_fn, sde, test, x_T)
     flow = sample(score_fn, sde, x_T, "ode", 1, rtol=1e-8, atol=1e-8, variable="t")
     coarse = sample(score_fn, sde, x_T, "ddim", 4)
-    (to_data, kept, to_flow), (coarse_data, _, coarse_flow) = metrics(flow), metrics(coarse)
-    assert to_flow < 2e-3 < 0.05 < coarse_flow
+    (to_data, kept, to_flow, jumped), (coarse_data, _, coarse_flow, _) = (
+        metrics(flow),
+        metrics(coarse),
+    )
+    assert jumped < 1e-3 and to_flow < 2e-3 < 0.05 < coarse_flow
     assert to_data > 10 * to_flow and abs(kept - to_data) < 0.5 * to_data
     assert abs(coarse_data - to_data) < 0.1 * to_data
 
