@@ -34,15 +34,15 @@ Errors:
   x_T = 0 and the unit vectors gives its output law N(b, A A^T) exactly; stochastic samplers
   are scored by the KL of their samples' mean and covariance (GAUSS_SAMPLES of them; the bias of
   that estimate, about D (D + 3) / (4 n) nats, is printed as their floor).
-- mixtures: sliced W2 between the samples and the exact probability-flow map of the same x_T
-  to the data (dopri5 at FLOW_TOL to t_min, and `flow_to_data` on to sigma = 0): coupled through x_T it is free of sampling noise for deterministic
-  samplers (stochastic ones are not coupled to the flow and stay at the sampling-noise level),
-  except for the rare draws that a sampler sends to another mode than the flow does: at a rate
-  of 1 in 1000, MIX_SAMPLES = 1000 draws see 0-3 of them. `--mix-samples 20000` measures those
-  rates (slow; the first 1000 draws are the default's). Each mixture cell's best peer setting,
-  the least of some 37 errors on those draws, is then measured again next to ours on
-  FRESH_SAMPLES new draws (`--fresh-samples`): where switches decide, the least of many is
-  biased low, and a setting measured on draws it was not chosen on is not.
+- mixtures: sliced W2 between the samples and the exact probability-flow map of the same x_T to the
+  data (dopri5 at FLOW_TOL to t_min, and `flow_to_data` on to sigma = 0): coupled through x_T it is
+  free of sampling noise for deterministic samplers (stochastic ones are not coupled to the flow and
+  stay at the sampling-noise level), except for the rare draws that a sampler sends to another mode
+  than the flow does: at a rate of 1 in 1000, MIX_SAMPLES = 1000 draws see 0-3 of them.
+  `--mix-samples 20000` measures those rates (slow; the first 1000 draws are the default's). Each
+  mixture cell's best peer setting, the least of some 37 errors on those draws, is then measured
+  again next to ours on FRESH_SAMPLES new draws (`--fresh-samples`): where switches decide, the
+  least of many is biased low, and a setting measured on draws it was not chosen on is not.
 Budgets are matched on counted evaluations: each sampler runs the most steps whose counted NFE
 fits the budget. Every problem reports, at each NFE, the best peer setting and our ratio to it,
 and our error at NFE 20 against our own at NFE 1000 (the floor: `pilot.CONVERGED`, which the

@@ -454,8 +454,8 @@ def trapezoid_step(score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor) -> Tensor:
     return 0.5 * (x / gamma + tweedie_x0(x, t, score_fn(x, t), sde))
 
 
-#: the last step to sigma = 0 that `sample(denoise=...)` names: the Tweedie jump, the Euler step
-#: (True), or the trapezoidal step, for a grid that ends at t_min
+#: the last steps to sigma = 0 that `sample(denoise=...)` names: "tweedie" (also True), the
+#: Tweedie jump, and "trapezoid", `trapezoid_step`, for a grid that ends at t_min
 FINAL_STEPS: dict[str, Callable[[ScoreFn, SDE, Tensor, Tensor], Tensor]] = {
     "tweedie": tweedie_step,
     "trapezoid": trapezoid_step,
