@@ -56,6 +56,20 @@ def test_the_default_runs_its_pilot_and_records_the_choice(tmp_path):
              "inpaint.mask=half")  # fmt: skip
 
 
+def test_denoise_names_the_last_step(tmp_path):
+    """denoise=trapezoid ends a named solver's grid at t_min with the trapezoidal step (one
+    evaluation, as the Tweedie step); an unknown name, or the trapezoid for inpainting, is refused
+    before anything is written."""
+    record = _run(tmp_path / "a", "model=oracle", "solver=unipc", "steps=8", "denoise=trapezoid")
+    assert record["status"] == "ok" and record["nfe"] == 9 and record["metrics"]["sliced_w2"] < 0.5
+    with pytest.raises(ValueError, match="unknown denoise 'heun'; valid choices: True, False"):
+        _run(tmp_path / "b", "solver=unipc", "denoise=heun")
+    with pytest.raises(ValueError, match="inpainting ends with the Tweedie step"):
+        _run(tmp_path / "c", "solver=unipc", "denoise=trapezoid", "model.dim=4",
+             "model.kind=random", "inpaint.mask=half")  # fmt: skip
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
 def test_a_sweep_over_ddpm_schedules_keeps_them_apart(tmp_path):
     """sde=ddpm and sde=ddpm_scaled_linear are both DiscreteVPSDEs named "ddpm": the record (and
     so the report's grouping) names the option, and the schedules differ."""

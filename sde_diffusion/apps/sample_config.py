@@ -12,6 +12,7 @@ from omegaconf import MISSING
 
 from ..guidance import MASKS
 from ..solvers import GRIDS, get_solver
+from ..solvers.sampling import final_step
 from ..solvers.tuning import HOLDOUT
 from .config import dtype_of
 
@@ -147,8 +148,10 @@ class SampleAppConfig:
     seed: int = 0
     t_end: float | None = None
     #: None: the solver's own (a named solver ends with the Tweedie step, the default's pilot
-    #: decides); with solver=default any value, like t_end or solver.params, skips the pilot
-    denoise: bool | None = None
+    #: decides); true / "tweedie", "trapezoid" (the trapezoidal step from t_min, `sample()`'s
+    #: denoise) or false; with solver=default any value, like t_end or solver.params, skips the
+    #: pilot
+    denoise: bool | str | None = None
     device: str = "auto"
     dtype: str = "float32"
 
@@ -169,3 +172,7 @@ class SampleAppConfig:
             get_solver(self.solver.name)
         elif self.inpaint.mask is not None:
             raise ValueError("inpainting needs a named solver, not solver=default")
+        if self.denoise is not None:
+            final_step(self.denoise)
+        if self.inpaint.mask is not None and self.denoise == "trapezoid":
+            raise ValueError("inpainting ends with the Tweedie step: denoise=trapezoid is not one")
