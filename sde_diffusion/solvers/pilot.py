@@ -61,7 +61,6 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._tensor import append_dims
 from ..metrics import gaussian_kl
 from ..parametrize import tweedie_x0
 from ..sde import SDE, ScoreFn
@@ -447,11 +446,11 @@ def trapezoid_step(score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor) -> Tensor:
     data far narrower than s. On a Gaussian direction of variance v, with r = v / (v + s^2), the
     flow scales y - mu by sqrt(r), the trapezoid by (1 + r) / 2 and the jump by r, which
     collapses directions of variance comparable to s^2: the trapezoid is the closer unless
-    v < s^2 / 8 (docs/default_sampler.md, "The step below t_min").
+    v < s^2 / 8 (docs/default_sampler.md, "The step below t_min"). In x that average is
+    Tweedie's formula with half the score: (x + sigma^2 s(x, t) / 2) / gamma.
     """
     t = t.to(x).expand(x.shape[0])
-    gamma = append_dims(sde.marginal(sde.time(t, x))[0], x.ndim)
-    return 0.5 * (x / gamma + tweedie_x0(x, t, score_fn(x, t), sde))
+    return tweedie_x0(x, t, 0.5 * score_fn(x, t), sde)
 
 
 #: the last steps to sigma = 0 that `sample(denoise=...)` names: "tweedie" (also True), the
