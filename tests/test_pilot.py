@@ -87,13 +87,14 @@ def test_the_sigma_min_end_steps_from_t_min_as_the_reference_does(sde):
     exact = trapezoid_step(score, sde, mix.pf_ode_solution(x_T, sde.T, t_min, sde), t_min)
 
     def error(end: str, steps: int) -> float:
-        c = Candidate("unipc", "data", "log_snr", end)
+        final = "trapezoid" if end == "sigma_min" else "tweedie"
+        c = Candidate("unipc", "data", "log_snr", end, final=final)
         ts = c.grid_for(sde, steps)
         assert len(ts) == steps and (float(ts[-1]) == sde.t_min) == (end == "sigma_min")
         return float((run_candidate(score, sde, x_T, c, ts) - exact).pow(2).sum(1).mean())
 
     assert error("sigma_min", 20) > 8 * error("sigma_min", 40)
-    assert error("sigma_min", 40) < 1e-6 and error("tweedie", 40) > 100 * error("sigma_min", 40)
+    assert error("sigma_min", 40) < 1e-6 and error("half", 40) > 100 * error("sigma_min", 40)
 
 
 @settings(max_examples=60, deadline=None)
@@ -128,6 +129,26 @@ def test_the_trapezoidal_step_is_the_flow_to_zero_but_for_data_narrower_than_the
     ratio = (trapezoid - exact)[far].abs() / (jump - exact)[far].abs()
     torch.testing.assert_close(ratio, torch.full_like(ratio, (1 - r**0.5) / (2 * r**0.5)))
     assert bool((ratio < 1).all()) == (v > s2 / 8)
+
+
+def test_candidates_that_differ_in_their_last_step_alone_share_one_run_on_the_draws():
+    """`choose` runs twins (the same candidate ending with the Tweedie jump and with the
+    trapezoidal step, from half a step above 0) once on its draws and ends that run both ways
+    from one evaluation: the pair costs what one of them does, and each twin's error is the
+    mean squared distance of its own run to the reference."""
+    sde, mix = SubVPSDE(), _gaussian(spread=1000.0)
+    score = mix.score_fn(sde)
+    x_T = pilot_draws(sde, torch.zeros(1, 4, dtype=torch.float64), 32)
+    jump = Candidate("unipc", "data", "quadratic", "half", 2, final="tweedie")
+    twins = (jump, replace(jump, final="trapezoid"))
+    reference = exact_flow(score, sde, x_T)
+    both = choose(score, sde, 10, x_T, reference, twins, arcs=0)
+    one = choose(score, sde, 10, x_T, reference, twins[:1], arcs=0)
+    assert both.evaluations == one.evaluations == 10 * len(x_T)
+    for c in twins:
+        x = run_candidate(score, sde, x_T, c, c.grid_for(sde, 10))
+        assert both.errors[c] == pytest.approx(float((x - reference).pow(2).sum(1).mean()))
+    assert both.errors[twins[1]] < both.errors[jump]
 
 
 def test_a_named_solver_with_the_trapezoidal_step_ends_its_grid_at_t_min():
@@ -444,7 +465,7 @@ def test_a_switch_on_one_pilot_draw_is_left_to_the_arcs():
     mix = GaussianMixture.random(6, 5, generator=torch.Generator().manual_seed(43))
     sde = DiscreteVPSDE.ddpm()
     score = mix.score_fn(sde)
-    third, second = (Candidate("unipc", "data", "uniform", "trailing", k) for k in (3, 2))
+    third, second = (Candidate("unipc", "data", "uniform", "full", k) for k in (3, 2))
     x_T = pilot_draws(sde, torch.zeros(1, 5, dtype=torch.float64), PILOT_DRAWS, seed=0)
     choice = choose(score, sde, 20, x_T, candidates=(second, third))
     fresh = pilot_draws(sde, x_T, 2000, seed=7)

@@ -54,7 +54,7 @@ import functools
 import math
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import torch
@@ -82,6 +82,7 @@ __all__ = [
     "PilotChoice",
     "choose",
     "decide",
+    "end_with",
     "exact_flow",
     "mean_log_snr_step",
     "pilot_draws",
@@ -125,12 +126,12 @@ LADDER = tuple(1e-4 * 3.0 ** (k / 2) for k in range(13))
 #: the largest share of the draws that can be misses every candidate shares (`shared_misses`)
 SHARED_MISSES = 1 / 16
 #: how a candidate's samples end: "t_min" (the grid's end), "zero" (the eps polynomial's own
-#: step to sigma = 0, no evaluation), "tweedie" and "trailing" (one step fewer, then
-#: x0 = E[x_0 | x_t] from `grids.final_time`: a jump of half an equal step, or of a full one),
-#: "sigma_min" (one step fewer to t_min, then `trapezoid_step` from there to sigma = 0)
-ENDS = ("t_min", "zero", "tweedie", "trailing", "sigma_min")
-#: the share of an equal step that the Tweedie jump of each Tweedie end makes (None: from t_min)
-JUMP_SHARE = {"tweedie": 0.5, "trailing": 1.0, "sigma_min": None}
+#: step to sigma = 0, no evaluation), "half" and "full" (one step fewer, to `grids.final_time`,
+#: from where the last step to sigma = 0 spans half an equal step, or a full one), "sigma_min"
+#: (one step fewer, to t_min); the last three then take the candidate's `final` step
+ENDS = ("t_min", "zero", "half", "full", "sigma_min")
+#: the share of an equal step that the last step of each such end spans (None: from t_min)
+JUMP_SHARE = {"half": 0.5, "full": 1.0, "sigma_min": None}
 
 
 @dataclass(frozen=True)
@@ -144,13 +145,12 @@ class Candidate:
     order: int = 3  # of the predictor; UniC adds one
     d2_weight: float = 1.0  # of the predictor's curvature term (`expint._interpolant_step`)
     first_corrector: str = "exact"  # UniPC's, `expint.FIRST_CORRECTORS`
+    final: str = "tweedie"  # the last step to sigma = 0 of the ends in JUMP_SHARE: FINAL_STEPS
 
     @property
     def denoise(self) -> bool | str:
-        """`sample()`'s denoise for it: False, or the kind of its last step (FINAL_STEPS)."""
-        if self.end not in JUMP_SHARE:
-            return False
-        return "trapezoid" if self.end == "sigma_min" else "tweedie"
+        """`sample()`'s denoise for it: False, or its last step (a key of FINAL_STEPS)."""
+        return self.final if self.end in JUMP_SHARE else False
 
     @property
     def params(self) -> dict[str, object]:
@@ -188,34 +188,40 @@ class Candidate:
             name += f", D2 x{self.d2_weight:g}"
         if self.first_corrector != "exact":
             name += f", UniC-1 {self.first_corrector}"
-        return f"{name} ({self.prediction}, {self.grid} grid, end {self.end})"
+        end = f"{self.end}, {self.final}" if self.denoise else self.end
+        return f"{name} ({self.prediction}, {self.grid} grid, end {end})"
 
 
 #: the family the pilot chooses from: predictor or predictor-corrector of order 2 or 3, on each
-#: grid kind, interpolating eps to t_min (with or without its own step to sigma = 0) or x0 with a
-#: Tweedie jump of half or a full step, and either with the trapezoidal step from t_min on the
-#: grids whose last step there is short in log-SNR (on one uniform or quadratic in t, a step of
-#: many units of log-SNR is itself nearly the jump from its start); the
-#: third-order predictor also with half its curvature term, the 3M of the reference DPM-Solver,
-#: diffusers and k-diffusion; UniPC with the trailing end also with the paper's first
-#: corrector: diffusers' UniPC, on each grid kind
+#: grid kind, interpolating eps to t_min (with or without its own step to sigma = 0) or x0, each
+#: also with a last step to sigma = 0 from half or a full step above it (x0 with either last
+#: step, eps with the trapezoidal one: its Tweedie jump collapses what the polynomial kept), and
+#: with the trapezoidal step from t_min on the grids whose last step there is short in log-SNR
+#: (on one uniform or quadratic in t, a step of many units of log-SNR is itself nearly the jump
+#: from its start); the third-order predictor also with half its curvature term, the 3M of the
+#: reference DPM-Solver, diffusers and k-diffusion; UniPC with x0 and the full step's end also
+#: with the paper's first corrector: diffusers' UniPC, on each grid kind. Members that differ in
+#: their last step alone share their evaluations on the pilot's draws (`choose`)
 CANDIDATES = tuple(
-    Candidate(solver, prediction, grid, end, order, d2_weight, first_corrector)
+    Candidate(solver, prediction, grid, end, order, d2_weight, first_corrector, final)
     for solver in ("dpm_solver", "unipc")
     for order, d2_weight in ((2, 1.0), (3, 1.0), (3, 0.5))
     if solver == "dpm_solver" or d2_weight == 1
-    for prediction, end in (
-        ("noise", "t_min"),
-        ("noise", "zero"),
-        ("noise", "sigma_min"),
-        ("data", "tweedie"),
-        ("data", "trailing"),
-        ("data", "sigma_min"),
+    for prediction, end, finals in (
+        ("noise", "t_min", ("tweedie",)),
+        ("noise", "zero", ("tweedie",)),
+        ("noise", "half", ("trapezoid",)),
+        ("noise", "full", ("trapezoid",)),
+        ("noise", "sigma_min", ("trapezoid",)),
+        ("data", "half", ("tweedie", "trapezoid")),
+        ("data", "full", ("tweedie", "trapezoid")),
+        ("data", "sigma_min", ("trapezoid",)),
     )
     for first_corrector in ("exact", "bh2")
-    if first_corrector == "exact" or (solver, end) == ("unipc", "trailing")
+    if first_corrector == "exact" or (solver, prediction, end) == ("unipc", "data", "full")
     for grid in GRIDS
     if end != "sigma_min" or grid in ("log_snr", "edm")
+    for final in finals
 )
 
 #: the smallest mean log-SNR step over [t_min, T] at which the default runs its pilot. With
@@ -227,7 +233,7 @@ CANDIDATES = tuple(
 PILOT_MIN_STEP = 0.1
 #: what the default runs instead of a pilot at those steps: the family's member on log-SNR steps
 #: that ends with the step from t_min, whose limit is the pilot's reference
-CONVERGED = Candidate("unipc", "data", "log_snr", "sigma_min")
+CONVERGED = Candidate("unipc", "data", "log_snr", "sigma_min", final="trapezoid")
 
 
 def mean_log_snr_step(sde: SDE, steps: int) -> float:
@@ -413,12 +419,21 @@ def pilot_draws(sde: SDE, like: Tensor, draws: int = PILOT_DRAWS, seed: int = PI
 
 
 def run_candidate(
-    score_fn: ScoreFn, sde: SDE, x_T: Tensor, candidate: Candidate, ts: Tensor
+    score_fn: ScoreFn,
+    sde: SDE,
+    x_T: Tensor,
+    candidate: Candidate,
+    ts: Tensor,
+    finals: Sequence[str] | None = None,
 ) -> Tensor:
-    """A candidate's samples from x_T on the grid ts (its last step to sigma = 0 included)."""
+    """A candidate's samples from x_T on the grid ts (its last step to sigma = 0 included);
+    with `finals`, the samples that each of these last steps ends its run with instead, stacked
+    on dim 1 (`end_with`: one evaluation for all)."""
     x = get_solver(candidate.solver).run(score_fn, sde, x_T, ts.to(x_T), **candidate.params)
-    step = candidate.denoise
-    return FINAL_STEPS[step](score_fn, sde, x, ts[-1]) if step else x
+    if not candidate.denoise:
+        return x
+    ended = end_with(score_fn, sde, x, ts[-1], finals or (candidate.final,))
+    return ended if finals else ended[:, 0]
 
 
 def exact_flow(score_fn: ScoreFn, sde: SDE, x_T: Tensor) -> Tensor:
@@ -430,14 +445,23 @@ def exact_flow(score_fn: ScoreFn, sde: SDE, x_T: Tensor) -> Tensor:
     return trapezoid_step(score_fn, sde, x, ts[-1])
 
 
+def end_with(score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor, finals: Sequence[str]) -> Tensor:
+    """x's last steps from the grid's last time t to sigma = 0, one for each name in `finals`
+    (FINAL_STEPS), stacked on dim 1: Tweedie's formula with that step's share of the score,
+    all from one evaluation."""
+    t = t.to(x).expand(x.shape[0])
+    score = score_fn(x, t)
+    return torch.stack([tweedie_x0(x, t, FINAL_STEPS[f] * score, sde) for f in finals], 1)
+
+
 def tweedie_step(score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor) -> Tensor:
     """The jump from the grid's last time t to E[x_0 | x_t] (one evaluation)."""
-    t = t.to(x).expand(x.shape[0])
-    return tweedie_x0(x, t, score_fn(x, t), sde)
+    return end_with(score_fn, sde, x, t, ("tweedie",))[:, 0]
 
 
 def trapezoid_step(score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor) -> Tensor:
-    """The step from t (t_min) to sigma = 0 by the trapezoidal rule (one evaluation).
+    """The step from t (t_min, or a candidate's "half" or "full" end) to sigma = 0 by the
+    trapezoidal rule (one evaluation).
 
     In y = x / gamma and s = sigma / gamma the flow is dy/ds = (y - D(y, s)) / s with D the
     Tweedie x0 (Karras et al. 2022, eq. 4 with sigma = s); its slope -s grad log p_s(y) vanishes
@@ -449,16 +473,13 @@ def trapezoid_step(score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor) -> Tensor:
     v < s^2 / 8 (docs/default_sampler.md, "The step below t_min"). In x that average is
     Tweedie's formula with half the score: (x + sigma^2 s(x, t) / 2) / gamma.
     """
-    t = t.to(x).expand(x.shape[0])
-    return tweedie_x0(x, t, 0.5 * score_fn(x, t), sde)
+    return end_with(score_fn, sde, x, t, ("trapezoid",))[:, 0]
 
 
-#: the last steps to sigma = 0 that `sample(denoise=...)` names: "tweedie" (also True), the
-#: Tweedie jump, and "trapezoid", `trapezoid_step`, for a grid that ends at t_min
-FINAL_STEPS: dict[str, Callable[[ScoreFn, SDE, Tensor, Tensor], Tensor]] = {
-    "tweedie": tweedie_step,
-    "trapezoid": trapezoid_step,
-}
+#: the last steps to sigma = 0 that `sample(denoise=...)` names, each as its share of the
+#: score in Tweedie's formula x0 = (x + sigma^2 share s(x, t)) / gamma: "tweedie" (also True),
+#: the Tweedie jump (`tweedie_step`), and "trapezoid" (`trapezoid_step`)
+FINAL_STEPS: dict[str, float] = {"tweedie": 1.0, "trapezoid": 0.5}
 
 
 def flow_error(x: Tensor, reference: Tensor, boundaries: Boundaries | None = None) -> float:
@@ -575,14 +596,20 @@ def choose(
             boundaries = Boundaries.find(functools.partial(batched, exact_flow), sde, x_T, arcs)
         bar.update(1)
         d2, moments, switches, moment_error = {}, {}, {}, MomentError(reference)
+        twins: dict[Candidate, list[Candidate]] = {}  # by all but the last step
         for c in fitting:
-            ts = c.grid_for(sde, steps)
-            run = functools.partial(batched, run_candidate, candidate=c, ts=ts)
-            samples = run(x_T)
-            switches[c] = boundaries.switch_error(run) if boundaries else 0.0
-            d2[c] = _distance(samples, reference) ** 2
-            moments[c] = moment_error(samples)
-            bar.update(1)
+            twins.setdefault(replace(c, final="tweedie"), []).append(c)
+        for stem, members in twins.items():
+            ts = stem.grid_for(sde, steps)
+            finals = [c.final for c in members]
+            ended = batched(run_candidate, x_T, candidate=stem, ts=ts, finals=finals)
+            for k, c in enumerate(members):
+                samples = ended[:, k] if c.denoise else ended
+                run = functools.partial(batched, run_candidate, candidate=c, ts=ts)
+                switches[c] = boundaries.switch_error(run) if boundaries else 0.0
+                d2[c] = _distance(samples, reference) ** 2
+                moments[c] = moment_error(samples)
+                bar.update(1)
     kept = ~shared_misses(list(d2.values()), boundaries)
     errors = {c: _trimmed_mean(d2[c][kept], boundaries) + switches[c] for c in fitting}
     best = decide(errors, switches, moments.__getitem__, boundaries.floor if boundaries else 0.0)

@@ -40,6 +40,7 @@ from .pilot import (
     Candidate,
     PilotChoice,
     cached_choice,
+    end_with,
     mean_log_snr_step,
     pilots,
 )
@@ -192,7 +193,7 @@ def sample(
     with bar:
         x = spec.run(counted, sde, x, ts.to(x.device, x.dtype), **params)
     if final:
-        x = FINAL_STEPS[final](counted, sde, x, ts[-1])
+        x = end_with(counted, sde, x, ts[-1], (final,))[:, 0]
         if return_trajectory:
             trajectory.append(x)
     if not return_info:
