@@ -2,12 +2,12 @@
 come closest to the exact probability-flow map on a batch of prior draws.
 
 At 5-20 evaluations a deterministic sampler's error is decided by a few choices: the grid (where the
-steps go in log-SNR), the end (stop at t_min, take the polynomial's own step to sigma = 0, a Tweedie
-jump from half or a full step above 0, or the trapezoidal step to sigma = 0 from t_min), the
-interpolated output (x0 or eps), the order of the polynomial (2 or 3), whether UniPC's corrector
-runs and how it weighs its first correction, and the weight of the third-order curvature term. Which
-combination is best depends on the data, not on the schedule alone: on the problem suite of
-benchmarks/steps_vs_quality.py no single one comes within 1.5x of the best peer setting on every
+steps go in log-SNR), the end (stop at t_min, take the polynomial's own step to sigma = 0, or stop
+half a step, a full step or t_min above 0 and take the Tweedie jump or the trapezoidal step from
+there), the interpolated output (x0 or eps), the order of the polynomial (2 or 3), whether UniPC's
+corrector runs and how it weighs its first correction, and the weight of the third-order curvature
+term. Which combination is best depends on the data, not on the schedule alone: on the problem suite
+of benchmarks/steps_vs_quality.py no single one comes within 1.5x of the best peer setting on every
 problem at NFE 5-20, while the best of them beats it on almost all. The error that matters is the
 distance to the flow map x_T -> x_0 that every deterministic sampler approximates, and it can be
 measured: solve the flow accurately (adaptive dopri5) from a few hundred prior draws once, run every
