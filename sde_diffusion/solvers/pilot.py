@@ -228,7 +228,7 @@ CANDIDATES = tuple(
 #: smaller steps (from 96-99 steps on DDPM, VP and cosine, 63 on scaled-linear, 129 on VE, 142 on
 #: sub-VP) every candidate has all but reached its own limit: the flow to t_min, that flow with
 #: the Tweedie jump from t_min, or with the trapezoidal step from t_min, the pilot's reference
-#: (`exact_flow`). Nothing is left to choose, at the pilot's full price, the cost of 28,000-45,000
+#: (`exact_flow`). Nothing is left to choose, at the pilot's full price, the cost of 38,000-69,000
 #: samples at the same steps (docs/default_sampler.md, "Many steps")
 PILOT_MIN_STEP = 0.1
 #: what the default runs instead of a pilot at those steps: the family's member on log-SNR steps
