@@ -195,7 +195,7 @@ class Candidate:
 #: the family the pilot chooses from: predictor or predictor-corrector of order 2 or 3, on each
 #: grid kind, interpolating eps to t_min (with or without its own step to sigma = 0) or x0, each
 #: also with a last step to sigma = 0 from half or a full step above it (x0 with either last
-#: step, eps with the trapezoidal one: its Tweedie jump collapses what the polynomial kept), and
+#: step, eps with the trapezoidal one; eps with the jump there is not measured), and
 #: with the trapezoidal step from t_min on the grids whose last step there is short in log-SNR
 #: (on one uniform or quadratic in t, a step of many units of log-SNR is itself nearly the jump
 #: from its start); the third-order predictor also with half its curvature term, the 3M of the

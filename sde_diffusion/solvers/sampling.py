@@ -131,8 +131,8 @@ def sample(
     denoise: finish with a step to t = 0 (one more NFE): True or "tweedie", the Tweedie step
         x0 = (x + sigma^2 s(x, t_end)) / gamma; "trapezoid", the trapezoidal rule to sigma = 0
         (`pilot.trapezoid_step`, from the grid's end, by default t_min: where the data's density
-        is smooth at the scale sigma / gamma there); False: none. Default: True for a named solver, the configuration's
-        own for the default.
+        is smooth at the scale sigma / gamma there); False: none. Default: True for a named
+        solver, the configuration's own for the default.
     generator / seeds: noise from one generator for the batch, or per-sample seeds so that each
         sample's trajectory depends on its own seed only (not both).
     return_info: return a SampleResult with the NFE (counted, never computed; a pilot's cost,
