@@ -43,6 +43,7 @@ from sde_diffusion.solvers import (
     grids,
     sample,
 )
+from sde_diffusion.solvers.pilot import Candidate
 from sde_diffusion.solvers.tuning import UntunableSolverError
 
 SDE_ = VPSDE()
@@ -141,6 +142,9 @@ CASES: list[Case] = [
     ("sample: increasing grid", lambda: sample_(grid=UP), ValueError, ("grid", "strictly decrease", "grid[0]=")),
     ("sample: unknown solver", lambda: sample_(solver="rk45"), ValueError, ("solver", "'rk45'", "dpm_solver", "unipc", "heun")),
     ("sample: unknown denoise", lambda: sample_(denoise="heun"), ValueError, ("denoise", "'heun'", "True", "'tweedie'", "'trapezoid'")),
+    ("Candidate: an end's old name", lambda: Candidate("unipc", "data", "log_snr", "trailing"), ValueError, ("end", "'trailing'", "t_min", "half", "full", "sigma_min")),
+    ("Candidate: unknown last step", lambda: Candidate("unipc", "data", "log_snr", "half", final="jump"), ValueError, ("final", "'jump'", "tweedie", "trapezoid")),
+    ("Candidate: unknown solver", lambda: Candidate("heun", "data", "log_snr", "half"), ValueError, ("solver", "'heun'", "dpm_solver", "unipc")),
     ("sample: solver a function", lambda: sample_(solver=ddim), TypeError, ("solver", "SolverSpec", "function")),
     ("sample: integer x_T", lambda: sample_(shape_or_x_T=X.long()), ValueError, ("x_T.dtype", "floating-point", "torch.int64")),
     ("sample: x_T with inf", lambda: sample_(shape_or_x_T=X / 0), ValueError, ("x_T", "NaN or inf")),

@@ -61,10 +61,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .._tensor import check_choice
 from ..metrics import gaussian_kl
 from ..parametrize import tweedie_x0
 from ..sde import SDE, ScoreFn
 from ._registry import CheckedScore, get_solver
+from .expint import FIRST_CORRECTORS
 from .grids import GRIDS, final_time, time_grid
 
 __all__ = [
@@ -132,6 +134,10 @@ SHARED_MISSES = 1 / 16
 ENDS = ("t_min", "zero", "half", "full", "sigma_min")
 #: the share of an equal step that the last step of each such end spans (None: from t_min)
 JUMP_SHARE = {"half": 0.5, "full": 1.0, "sigma_min": None}
+#: the last steps to sigma = 0 that `sample(denoise=...)` names, each as its share of the
+#: score in Tweedie's formula x0 = (x + sigma^2 share s(x, t)) / gamma: "tweedie" (also True),
+#: the Tweedie jump (`tweedie_step`), and "trapezoid" (`trapezoid_step`)
+FINAL_STEPS: dict[str, float] = {"tweedie": 1.0, "trapezoid": 0.5}
 
 
 @dataclass(frozen=True)
@@ -146,6 +152,16 @@ class Candidate:
     d2_weight: float = 1.0  # of the predictor's curvature term (`expint._interpolant_step`)
     first_corrector: str = "exact"  # UniPC's, `expint.FIRST_CORRECTORS`
     final: str = "tweedie"  # the last step to sigma = 0 of the ends in JUMP_SHARE: FINAL_STEPS
+
+    def __post_init__(self) -> None:
+        """Refuse a name that is none of the choices (an end of another name would otherwise
+        run as no end at all)."""
+        check_choice("solver", self.solver, ("dpm_solver", "unipc"))
+        check_choice("prediction", self.prediction, ("noise", "data"))
+        check_choice("grid", self.grid, GRIDS)
+        check_choice("end", self.end, ENDS)
+        check_choice("first_corrector", self.first_corrector, FIRST_CORRECTORS)
+        check_choice("final", self.final, FINAL_STEPS)
 
     @property
     def denoise(self) -> bool | str:
@@ -474,12 +490,6 @@ def trapezoid_step(score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor) -> Tensor:
     Tweedie's formula with half the score: (x + sigma^2 s(x, t) / 2) / gamma.
     """
     return end_with(score_fn, sde, x, t, ("trapezoid",))[:, 0]
-
-
-#: the last steps to sigma = 0 that `sample(denoise=...)` names, each as its share of the
-#: score in Tweedie's formula x0 = (x + sigma^2 share s(x, t)) / gamma: "tweedie" (also True),
-#: the Tweedie jump (`tweedie_step`), and "trapezoid" (`trapezoid_step`)
-FINAL_STEPS: dict[str, float] = {"tweedie": 1.0, "trapezoid": 0.5}
 
 
 def flow_error(x: Tensor, reference: Tensor, boundaries: Boundaries | None = None) -> float:
