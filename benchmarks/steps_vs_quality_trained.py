@@ -51,7 +51,7 @@ from sde_diffusion.data import DataConfig, load_data
 from sde_diffusion.metrics import SlicedW2, image_metrics, sliced_wasserstein_floor
 from sde_diffusion.sde import ScoreFn
 from sde_diffusion.solvers import SOLVERS, sample
-from sde_diffusion.solvers.pilot import trapezoid_step, tweedie_step
+from sde_diffusion.solvers.pilot import end_with
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from steps_vs_quality import FLOW_TOL
@@ -109,12 +109,11 @@ def judge(
     flow."""
     x = sample(score_fn, sde, x_T, "ode", 1, rtol=FLOW_TOL, atol=FLOW_TOL, denoise=False)
     t_min = torch.tensor(float(sde.t_min))
-    flow = trapezoid_step(score_fn, sde, x, t_min)
+    flow, jumped = end_with(score_fn, sde, x, t_min, ("trapezoid", "tweedie")).unbind(1)
     if x_T.ndim == 4:
         return lambda x: [
             image_metrics(x.float(), ref.float())["frechet_distance"] for ref in (test, flow)
         ]
-    jumped = tweedie_step(score_fn, sde, x, t_min)
     radius = x_T.flatten(1).norm(dim=1)
     kept = radius <= torch.quantile(radius, TRIM)
     to = [SlicedW2(y, 512, torch.Generator().manual_seed(7)) for y in (test, flow, jumped)]

@@ -171,13 +171,13 @@ class Candidate:
     @property
     def params(self) -> dict[str, object]:
         """The solver's parameters: x0 interpolation lowers the order over its last steps below
-        15 (as DPM-Solver++ does for stability), its Tweedie step counted as the last one (as in
-        diffusers), eps interpolation keeps it."""
+        15 (as DPM-Solver++ does for stability), its last step to sigma = 0 counted as the last
+        one (as diffusers counts its Tweedie step), eps interpolation keeps it."""
         params: dict[str, object] = {"order": self.order, "prediction": self.prediction}
         params["lower_order_final"] = self.prediction == "data"
         if self.end == "zero":
             params["to_zero"] = True
-        if self.denoise:  # the Tweedie step is the last, first-order step
+        if self.denoise:  # its last step to sigma = 0 is one more step after the grid
             params["final_jump"] = True
         if self.d2_weight != 1:
             params["d2_weight"] = self.d2_weight
