@@ -500,3 +500,29 @@ def test_shared_misses_are_the_draws_every_finite_candidate_sends_half_the_small
     assert not shared_misses(d2[:1], jumps).any()  # one candidate: its misses are its own
     many = [d + 4 * torch.eye(32)[2] for d in d2]  # 3 of 32: jumps too small to tell switches
     assert not shared_misses(many, jumps).any()
+
+
+def test_the_reference_lies_far_below_the_distances_it_ranks():
+    """The held-out 4-D scale mixture of benchmarks/steps_vs_quality.py (variances 1e-4 to 3)
+    under DDPM, on the pilot's draws: the pilot's flow (dopri5 at REFERENCE_TOL) lies 1.1e-7
+    per draw (mean squared) from one at 1e-10, while at 1e-5, the tolerance before, it lay 7e-6
+    away, where 20 steps of CONVERGED lie a median 1.7e-5 from the flow: a reference that far
+    off ranks candidates by its own error (docs/default_sampler.md, "The reference's own
+    error")."""
+    g = torch.Generator().manual_seed(21)
+    means = torch.randn(4, 4, generator=g, dtype=torch.float64)
+    variances = torch.tensor([1e-4, 3e-3, 0.1, 3.0], dtype=torch.float64)
+    mix = GaussianMixture(torch.full((4,), 0.25), means, variances[:, None].expand(4, 4).clone())
+    sde = DiscreteVPSDE.ddpm()
+    score = mix.score_fn(sde)
+    x_T = pilot_draws(sde, means[:1])
+    truth = exact_flow(score, sde, x_T, tol=1e-10)
+
+    def off(x: torch.Tensor) -> torch.Tensor:
+        return (x - truth).pow(2).sum(1)
+
+    error = float(off(exact_flow(score, sde, x_T)).mean())
+    assert error < 5e-7
+    assert float(off(exact_flow(score, sde, x_T, tol=1e-5)).mean()) > 10 * error
+    converged = run_candidate(score, sde, x_T, CONVERGED, CONVERGED.grid_for(sde, 20))
+    assert float(off(converged).median()) > 50 * error

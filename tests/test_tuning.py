@@ -17,6 +17,7 @@ from sde_diffusion.solvers import sample, tunable_solvers, tune_grid
 from sde_diffusion.solvers._registry import CheckedScore
 from sde_diffusion.solvers.grids import resolve_grid
 from sde_diffusion.solvers.pilot import (
+    ARC_TOL,
     BOUNDARY_ARCS,
     CONVERGED,
     TRIM,
@@ -78,7 +79,8 @@ def test_bookkeeping_errors_are_the_grids_on_their_draws_and_nfe_adds_up():
     default = sample(score, sde, pilot, "dpm_solver", 5)
     ours = sample(score, sde, pilot, "dpm_solver", grid=tuned.ts)
     counted = CheckedScore(score)
-    boundaries = Boundaries.find(partial(exact_flow, counted, sde), sde, pilot, BOUNDARY_ARCS)
+    flow = partial(exact_flow, counted, sde, tol=ARC_TOL)
+    boundaries = Boundaries.find(flow, sde, pilot, BOUNDARY_ARCS)
     assert len(boundaries) > 0
     switches = {
         "start": boundaries.switch_error(lambda x: sample(score, sde, x, "dpm_solver", 5)),

@@ -70,6 +70,7 @@ from .expint import FIRST_CORRECTORS
 from .grids import GRIDS, final_time, time_grid
 
 __all__ = [
+    "ARC_TOL",
     "BOUNDARY_ARCS",
     "CANDIDATES",
     "CONVERGED",
@@ -103,8 +104,15 @@ PILOT_DRAWS = 256
 #: seed a caller is likely to draw x_T from: on its own draws the default would be judged where
 #: it was chosen
 PILOT_SEED = 97_531
-#: the pilot's exact flow: dopri5 at this relative and absolute tolerance
-REFERENCE_TOL = 1e-5
+#: the pilot's exact flow: dopri5 at this relative and absolute tolerance. Its own squared
+#: error must lie well below the distances it ranks: at 1e-5 it was 1.1e-5 per draw through the
+#: pinwheel network, above the closest candidates' distances at 50 steps, and up to 6.9e-6 on the
+#: scale mixtures of benchmarks/steps_vs_quality.py; at 1e-6, 5e-8 and 9e-8
+#: (docs/default_sampler.md, "The reference's own error")
+REFERENCE_TOL = 1e-6
+#: the arcs' flow (`Boundaries.find`), which only has to tell on which side of a jump a draw
+#: ends: dopri5 at this tolerance
+ARC_TOL = 1e-5
 #: candidates within this factor of the smallest squared distance to the flow are ties, decided
 #: by their moments
 TIE = 1.25
@@ -452,12 +460,11 @@ def run_candidate(
     return ended if finals else ended[:, 0]
 
 
-def exact_flow(score_fn: ScoreFn, sde: SDE, x_T: Tensor) -> Tensor:
-    """The probability-flow map of x_T: dopri5 at REFERENCE_TOL to t_min, then the trapezoidal
-    step to sigma = 0 (`trapezoid_step`)."""
+def exact_flow(score_fn: ScoreFn, sde: SDE, x_T: Tensor, tol: float = REFERENCE_TOL) -> Tensor:
+    """The probability-flow map of x_T: dopri5 at relative and absolute tolerance `tol` to
+    t_min, then the trapezoidal step to sigma = 0 (`trapezoid_step`)."""
     ts = torch.tensor([float(sde.T), float(sde.t_min)], dtype=x_T.dtype, device=x_T.device)
-    tol = {"rtol": REFERENCE_TOL, "atol": REFERENCE_TOL}
-    x = get_solver("ode").run(score_fn, sde, x_T, ts, **tol)
+    x = get_solver("ode").run(score_fn, sde, x_T, ts, rtol=tol, atol=tol)
     return trapezoid_step(score_fn, sde, x, ts[-1])
 
 
@@ -603,7 +610,8 @@ def choose(
             bar.update(1)
         boundaries = None
         if arcs:
-            boundaries = Boundaries.find(functools.partial(batched, exact_flow), sde, x_T, arcs)
+            flow = functools.partial(batched, exact_flow, tol=ARC_TOL)
+            boundaries = Boundaries.find(flow, sde, x_T, arcs)
         bar.update(1)
         d2, moments, switches, moment_error = {}, {}, {}, MomentError(reference)
         twins: dict[Candidate, list[Candidate]] = {}  # by all but the last step

@@ -46,6 +46,7 @@ from ..sde import SDE, ScoreFn, check_sde
 from ._registry import SOLVERS, CheckedScore, generator_noise, get_solver
 from .grids import resolve_grid
 from .pilot import (
+    ARC_TOL,
     BOUNDARY_ARCS,
     CANDIDATES,
     CONVERGED,
@@ -219,7 +220,7 @@ def tune_grid(
         boundaries = None
     elif boundaries is None:
         counted = CheckedScore(score_fn)
-        flow = functools.partial(exact_flow, counted, sde)
+        flow = functools.partial(exact_flow, counted, sde, tol=ARC_TOL)
         boundaries = Boundaries.find(flow, sde, x_T, BOUNDARY_ARCS)
         nfe += counted.nfe
     fit_x, fit_ref, held_x, held_ref = x_T[:kept], reference[:kept], x_T[kept:], reference[kept:]
