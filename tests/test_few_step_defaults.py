@@ -30,14 +30,23 @@ def _anisotropic(dim: int, spread: float, seed: int, dtype: torch.dtype) -> Gaus
     return GaussianMixture.gaussian(mean, u @ torch.diag(evals) @ u.T, dtype=dtype)
 
 
+def _basis(d: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """x_T = 0 and the d unit vectors: what an affine map x_T -> x_0 is read off from."""
+    return torch.cat([torch.zeros(1, d), torch.eye(d)]).to(dtype)
+
+
+def _affine_kl(y: torch.Tensor, mix: GaussianMixture) -> float:
+    """KL(law of an affine map's output || the Gaussian target) in closed form, from the map's
+    values y at `_basis`: x_T ~ N(0, I) goes to N(y[0], A A^T), A's columns y[i] - y[0]."""
+    y = y.double()
+    b, a = y[0], (y[1:] - y[0]).T
+    return float(gaussian_kl(b, a @ a.T, mix.means[0].double(), mix.covs[0].double()))
+
+
 def _exact_kl(mix: GaussianMixture, sde, dtype: torch.dtype, **kw) -> tuple[float, int]:
     """KL(law of the sampler's output || target) in closed form, and the counted NFE."""
-    d = mix.dim
-    x_T = torch.cat([torch.zeros(1, d), torch.eye(d)]).to(dtype)
-    res = sample(mix.score_fn(sde), sde, x_T, return_info=True, **kw)
-    y = res.samples.double()
-    b, a = y[0], (y[1:] - y[0]).T
-    return float(gaussian_kl(b, a @ a.T, mix.means[0].double(), mix.covs[0].double())), res.nfe
+    res = sample(mix.score_fn(sde), sde, _basis(mix.dim, dtype), return_info=True, **kw)
+    return _affine_kl(res.samples, mix), res.nfe
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -64,12 +73,10 @@ def test_default_at_nfe_5_under_sub_vp_ends_with_the_trapezoidal_step_from_half_
     mix, sde = _anisotropic(16, 100.0, 1, torch.float64), SubVPSDE()
     kl, nfe = _exact_kl(mix, sde, torch.float64, steps=5)
     assert nfe == 5 and kl < 0.02, kl
-    x_T = torch.cat([torch.zeros(1, 16), torch.eye(16)]).double()
     for c in pilot.CANDIDATES:
         if c.fits(5) and not (c.end in ("half", "full") and c.final == "trapezoid"):
-            y = pilot.run_candidate(mix.score_fn(sde), sde, x_T, c, c.grid_for(sde, 5))
-            b, a = y[0], (y[1:] - y[0]).T
-            assert float(gaussian_kl(b, a @ a.T, mix.means[0], mix.covs[0])) > 0.1, c.label
+            y = pilot.run_candidate(mix.score_fn(sde), sde, _basis(16), c, c.grid_for(sde, 5))
+            assert _affine_kl(y, mix) > 0.1, c.label
 
 
 def test_default_at_nfe_20_on_a_16d_gaussian_with_the_cosine_schedule():
@@ -94,12 +101,9 @@ def test_default_at_nfe_20_below_the_tweedie_floor_where_data_is_as_narrow_as_th
     mix, sde = _anisotropic(24, 2700.0, 7, dtype), DiscreteVPSDE.ddpm()
     kl, nfe = _exact_kl(mix, sde, dtype, steps=20)
     assert nfe == 20 and kl < 1e-3, kl
-    x_T = torch.cat([torch.zeros(1, 24), torch.eye(24)]).double()
     t_min = torch.tensor(float(sde.t_min), dtype=torch.float64)
-    exact = mix.pf_ode_solution(x_T, sde.T, t_min, sde)
-    jumped = pilot.tweedie_step(mix.score_fn(sde), sde, exact, t_min)
-    b, a = jumped[0], (jumped[1:] - jumped[0]).T
-    floor = float(gaussian_kl(b, a @ a.T, mix.means[0].double(), mix.covs[0].double()))
+    exact = mix.pf_ode_solution(_basis(24), sde.T, t_min, sde)
+    floor = _affine_kl(pilot.tweedie_step(mix.score_fn(sde), sde, exact, t_min), mix)
     assert floor > 4e-3, floor
 
 
