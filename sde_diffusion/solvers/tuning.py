@@ -27,11 +27,21 @@ the flow on those held-out draws, plus its switch error, or among those within `
 the one whose samples of the whole pilot match the flow's mean and covariance best, of those no
 further from it than the start. Early stopping, which never returns a grid that those measures
 rank below the start (README, "Tuned grids").
+
+For `sample`'s default (solver=None) the search runs from several starts: the pilot's choice and
+its next closest candidates, each on its own grid, and the held-out rule picks among all their
+snapshots. The pilot ranks untuned grids, and which configuration tunes best is another
+question: where mode switches carry the error, one configuration's grid may move its jumps onto
+the flow's while another's barely can (on the 16-D mixture of benchmarks/steps_vs_quality.py
+under VP at 10 evaluations, the benchmark's 256 tuning draws, 200 trials: the pilot's choice,
+picked among ties by its moments, came to 0.25 on the held-out draws with its switch error
+(from 0.35), the candidate closest to the flow on the pilot's own draws to 0.036).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -68,6 +78,9 @@ HOLDOUT = 0.25
 #: the first trial count at which the best grid so far is kept for the held-out check; then
 #: every doubling of it, and the last trial
 FIRST_SNAPSHOT = 10
+#: tune_grid(None) searches from the default's choice and the pilot's STARTS - 1 next closest
+#: candidates (README, "Tuned grids")
+STARTS = 4
 
 __all__ = ["TunedGrid", "UntunableSolverError", "tunable_solvers", "tune_grid"]
 
@@ -89,14 +102,14 @@ class TunedGrid:
     the exact flow on the draws the search saw (without the `pilot.TRIM` farthest where the
     flow jumps) plus the switch error
     (`pilot.Boundaries.switch_error`), which the search minimised, on the returned grid and on
-    the start grid; holdout_error / initial_holdout_error: the same on the held-out draws, by
-    which (ties to the moments) the returned grid was chosen among the search's snapshots
-    (module docstring); switch_error / initial_switch_error: that switch error alone (0 where
-    the flow has no jump on the pilot's arcs, or nothing is held out). trials: grids tried by
-    the search. nfe: every score evaluation this call spent, the reference flow's included
+    the start grid (the default's own, where several starts were searched); holdout_error /
+    initial_holdout_error: the same on the held-out draws, by which (ties to the moments) the
+    returned grid was chosen among the searches' snapshots (module docstring); switch_error /
+    initial_switch_error: that switch error alone (0 where the flow has no jump on the pilot's
+    arcs, or nothing is held out). trials: grids tried by all searches. nfe: every score evaluation this call spent, the reference flow's included
     (and for solver=None the pilot's, unless `sample` already paid it for this score function).
-    solver / params / denoise: what the grid was tuned for (for solver=None, `sample`'s
-    choice); `kwargs` passes all of it to `sample`.
+    solver / params / denoise: what the grid was tuned for (for solver=None, `sample`'s choice
+    or one of the pilot's next closest candidates); `kwargs` passes all of it to `sample`.
     """
 
     ts: Tensor
@@ -116,6 +129,16 @@ class TunedGrid:
     def kwargs(self) -> dict[str, object]:
         """`sample(score_fn, sde, x, **fit.kwargs)` runs the tuned configuration."""
         return {"solver": self.solver, "grid": self.ts, "denoise": self.denoise, **self.params}
+
+
+@dataclass(frozen=True)
+class _Start:
+    """Where a search starts: a solver, its parameters, its last step and its grid."""
+
+    solver: str
+    params: dict
+    denoise: bool | str
+    grid: Tensor
 
 
 def _fractions_to_grid(
@@ -143,6 +166,7 @@ def tune_grid(
     pilot: Sequence[int] | Tensor = (256, 2),
     *,
     trials: int = 300,
+    starts: int = STARTS,
     holdout: float = HOLDOUT,
     reference: Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -160,6 +184,9 @@ def tune_grid(
         score_fn, or `pilot.CONVERGED` at steps where it runs no pilot), so that the tuned grid
         can only improve on what the default does; the tuning moves its grid's inner points (a
         grid that ends at t_min keeps that end; one that ends in a Tweedie step tunes it).
+    starts: for solver=None with a pilot, the configurations searched: the pilot's choice and
+        its `starts` - 1 next closest candidates on the pilot's draws (module docstring); each
+        costs `trials` grids.
 
     pilot: the shape of the batch of prior draws to tune on (drawn with `generator` on `device`
         in `dtype`), or the draws x_T themselves; 256 draws tuned the oracle mixtures of 2 and
@@ -170,12 +197,13 @@ def tune_grid(
         switches modes are rarer than 1 in 100: on the 16-D oracle mixture at 20 evaluations,
         64 held-out draws alone let through a grid that fresh draws put 1.7x behind the start
         (README, "Tuned grids").
-    trials: grids tried (each costs `steps` + 1 evaluations on the searched draws, and 5 runs
-        on the arcs' jumps where the flow has any).
+    trials: grids tried from each start (each costs `steps` + 1 evaluations on the searched
+        draws, and 5 runs on the arcs' jumps where the flow has any).
     reference: the pilot's exact probability-flow samples, if known; by default dopri5 at
         tolerance `pilot.REFERENCE_TOL` from the same draws.
     The search starts from the solver's default grid (ending at `grids.final_time`), or the
-    default's; the grid returned is never worse than it on the held-out draws. Only
+    default's (and its rivals'); the grid returned is never worse than the solver's or the
+    default's start on the held-out draws. Only
     deterministic solvers that step on the grid can be tuned (`tunable_solvers()`): a stochastic
     one has no flow to be brought close to.
     """
@@ -187,6 +215,7 @@ def tune_grid(
             f"on the grid): {', '.join(tunable_solvers())}"
         )
     steps, trials = check_int(steps, "steps", 1 + (solver is None)), check_int(trials, "trials")
+    starts = check_int(starts, "starts")
     if not 0 <= holdout < 1:
         raise ValueError(f"holdout is the held-out share of the pilot, in [0, 1); got {holdout}")
     if solver is not None:
@@ -203,19 +232,22 @@ def tune_grid(
         )
     n = x_T.shape[0]
     kept = n - (max(1, int(holdout * n)) if n > 1 and holdout > 0 else 0)
-    chosen, boundaries = None, None
+    chosen, boundaries = [], None
     if solver is None and pilots(sde, steps):  # sample()'s pilot: its draws, kept for score_fn
         choice, fresh = cached_choice(score_fn, sde, steps, x_T, PILOT_DRAWS, CANDIDATES, progress)
         nfe += choice.nfe if fresh else 0
-        chosen, boundaries = choice.candidate, choice.boundaries
+        boundaries = choice.boundaries
+        others = [c for c, e in choice.errors.items() if c != choice.candidate and e < math.inf]
+        chosen = [choice.candidate, *sorted(others, key=choice.errors.__getitem__)[: starts - 1]]
     elif solver is None:
-        chosen = CONVERGED
-    if chosen is not None:
-        name, params, denoise = chosen.solver, {**chosen.params, **solver_params}, chosen.denoise
-        start = chosen.grid_for(sde, steps)
-    else:
-        name, params, denoise = solver, dict(solver_params), True
-        start = resolve_grid(sde, None, steps, get_solver(solver).default_grid, denoise=True)
+        chosen = [CONVERGED]
+    begin = [
+        _Start(c.solver, {**c.params, **solver_params}, c.denoise, c.grid_for(sde, steps))
+        for c in chosen
+    ] or [
+        _Start(solver, dict(solver_params), True,
+               resolve_grid(sde, None, steps, get_solver(solver).default_grid, denoise=True))
+    ]  # fmt: skip
     if kept == n:
         boundaries = None
     elif boundaries is None:
@@ -224,80 +256,90 @@ def tune_grid(
         boundaries = Boundaries.find(flow, sde, x_T, BOUNDARY_ARCS)
         nfe += counted.nfe
     fit_x, fit_ref, held_x, held_ref = x_T[:kept], reference[:kept], x_T[kept:], reference[kept:]
+    lam_T = float(sde.log_snr(torch.tensor([float(sde.T)], dtype=torch.float64))[0])
+    lam_max = float(sde.log_snr(torch.tensor([float(sde.t_min)], dtype=torch.float64))[0])
     # a grid to t_min, with or without a Tweedie step after it, keeps that end; one of a single
     # step there would leave nothing to move, so it keeps a sliver above its end instead
-    pinned = float(start[-1]) == float(sde.t_min) and len(start) > 2
-    lam = sde.log_snr(start)
-    lam_T = float(lam[0])
-    lam_max = float(sde.log_snr(torch.tensor([float(sde.t_min)], dtype=torch.float64))[0])
-    h = lam[1:] - lam[:-1]
-    if pinned:  # the last step is the reference part
-        theta0 = torch.log(h[:-1] / h[-1]).numpy()
-    else:
-        theta0 = torch.log(h / max(lam_max - float(lam[-1]), 1e-6 * (lam_max - lam_T))).numpy()
-    bar = tqdm(total=trials, desc=f"tuning {name}", disable=not progress, leave=False)
-    errors: list[float] = []  # errors[0] is the start's: Nelder-Mead evaluates x0 first
-    leader = (np.inf, theta0)
-    # (search error, theta) of the best grid after 1 trial (the start), 10, 20, 40, ... trials
-    snapshots: list[tuple[float, np.ndarray]] = []
-    marks = {1, trials, *(FIRST_SNAPSHOT * 2**k for k in range(trials.bit_length()))}
+    pinned = [float(s.grid[-1]) == float(sde.t_min) and len(s.grid) > 2 for s in begin]
 
-    def samples(theta: np.ndarray, x: Tensor) -> Tensor:
+    def grid(k: int, theta: np.ndarray) -> Tensor:
+        return _fractions_to_grid(theta, lam_T, lam_max, sde, pinned[k])
+
+    def samples(k: int, theta: np.ndarray, x: Tensor) -> Tensor:
         nonlocal nfe
-        ts = _fractions_to_grid(theta, lam_T, lam_max, sde, pinned)
-        res = sample(score_fn, sde, x, name, grid=ts, denoise=denoise, return_info=True, **params)
+        s = begin[k]
+        res = sample(score_fn, sde, x, s.solver, grid=grid(k, theta), denoise=s.denoise,
+                     return_info=True, **s.params)  # fmt: skip
         nfe += res.nfe
         return res.samples
 
-    def run(theta: np.ndarray, x: Tensor, ref: Tensor) -> float:
-        return flow_error(samples(theta, x), ref, boundaries)
+    def run(k: int, theta: np.ndarray, x: Tensor, ref: Tensor) -> float:
+        return flow_error(samples(k, theta, x), ref, boundaries)
 
     switch_errors: dict[tuple, float] = {}  # of every grid tried: the stop reuses them
 
-    def switch_error(theta: np.ndarray) -> float:
-        key = tuple(theta)
+    def switch_error(k: int, theta: np.ndarray) -> float:
+        key = (k, *theta)
         if key not in switch_errors:
-            run_on = functools.partial(samples, theta)
+            run_on = functools.partial(samples, k, theta)
             switch_errors[key] = boundaries.switch_error(run_on) if boundaries else 0.0
         return switch_errors[key]
 
-    def error(theta: np.ndarray) -> float:
-        nonlocal leader
-        bar.update(1)
-        errors.append(run(theta, fit_x, fit_ref) + switch_error(theta))
-        if errors[-1] < leader[0]:
-            leader = (errors[-1], np.array(theta))
-        if len(errors) in marks:
-            snapshots.append(leader)
-        return errors[-1]
-
+    errors: list[float] = []  # errors[0] is the default start's: Nelder-Mead evaluates x0 first
+    # (search error, start, theta) of each search's best grid after 1 trial (its start), 10, 20,
+    # 40, ... trials and its last
+    snapshots: list[tuple[float, int, np.ndarray]] = []
+    marks = {1, trials, *(FIRST_SNAPSHOT * 2**k for k in range(trials.bit_length()))}
+    bar = tqdm(total=trials * len(begin), desc="tuning", disable=not progress, leave=False)
     with bar:
-        options = {"maxfev": trials, "xatol": 1e-4, "fatol": 1e-10, "adaptive": True}
-        if pinned:  # theta0 = 0 on a uniform start, where scipy's default simplex is 2.5e-4 wide
-            options["initial_simplex"] = np.vstack([theta0, theta0 + SIMPLEX * np.eye(len(theta0))])
-        found = minimize(error, theta0, method="Nelder-Mead", options=options)
-    snapshots.append((float(found.fun), found.x))
-    unique: dict[tuple, tuple[float, np.ndarray]] = {}
-    for e, th in snapshots:  # in order: the start first
-        unique.setdefault(tuple(th), (e, th))
+        for k, s in enumerate(begin):
+            lam = sde.log_snr(s.grid)
+            h = lam.diff()
+            if pinned[k]:  # the last step is the reference part
+                theta0 = torch.log(h[:-1] / h[-1]).numpy()
+            else:
+                rest = max(lam_max - float(lam[-1]), 1e-6 * (lam_max - lam_T))
+                theta0 = torch.log(h / rest).numpy()
+            leader, tried = (np.inf, theta0), 0
+
+            def error(theta: np.ndarray, k: int = k) -> float:
+                nonlocal leader, tried
+                bar.update(1)
+                tried += 1
+                errors.append(run(k, theta, fit_x, fit_ref) + switch_error(k, theta))
+                if errors[-1] < leader[0]:
+                    leader = (errors[-1], np.array(theta))
+                if tried in marks:
+                    snapshots.append((leader[0], k, leader[1]))
+                return errors[-1]
+
+            options = {"maxfev": trials, "xatol": 1e-4, "fatol": 1e-10, "adaptive": True}
+            if pinned[k]:  # theta0 = 0 on a uniform start: scipy's default simplex is 2.5e-4 wide
+                simplex = np.vstack([theta0, theta0 + SIMPLEX * np.eye(len(theta0))])
+                options["initial_simplex"] = simplex
+            found = minimize(error, theta0, method="Nelder-Mead", options=options)
+            snapshots.append((float(found.fun), k, found.x))
+    unique: dict[tuple, tuple[float, int, np.ndarray]] = {}
+    for e, k, th in snapshots:  # in order: the default's start first
+        unique.setdefault((k, *th), (e, k, th))
+    grids = list(unique.values())
     if kept < n:  # the pilot's rule on the held-out draws and the jumps; ties keep the earlier
-        grids = list(unique.values())
         held, jumps = {}, {}
-        for i, (_, th) in enumerate(grids):
-            jumps[i] = switch_error(th)
-            held[i] = run(th, held_x, held_ref) + jumps[i]
+        for i, (_, k, th) in enumerate(grids):
+            jumps[i] = switch_error(k, th)
+            held[i] = run(k, th, held_x, held_ref) + jumps[i]
         moment_error = MomentError(reference)
-        no_worse = {i: e for i, e in held.items() if e <= held[0]}  # than the start
+        no_worse = {i: e for i, e in held.items() if e <= held[0]}  # than the default's start
         floor = boundaries.floor if boundaries else 0.0
-        i = decide(no_worse, jumps, lambda i: moment_error(samples(grids[i][1], x_T)), floor)
-        (fit_error, theta), held_error, switches = grids[i], held[i], jumps[i]
-        start_held, start_switches = held[0], jumps[0]
+        i = decide(no_worse, jumps, lambda i: moment_error(samples(*grids[i][1:], x_T)), floor)
+        held_error, switches, start_held, start_switches = held[i], jumps[i], held[0], jumps[0]
     else:
-        fit_error, theta = min(unique.values(), key=lambda r: r[0])
+        i = min(range(len(grids)), key=lambda i: grids[i][0])
         held_error = start_held = float("nan")
         switches = start_switches = 0.0
+    fit_error, k, theta = grids[i]
+    s = begin[k]
     return TunedGrid(
-        _fractions_to_grid(theta, lam_T, lam_max, sde, pinned), float(fit_error), errors[0],
-        len(errors), nfe, float(held_error), float(start_held), switches, start_switches, name,
-        params, denoise,
+        grid(k, theta), float(fit_error), errors[0], len(errors), nfe, float(held_error),
+        float(start_held), switches, start_switches, s.solver, s.params, s.denoise,
     )  # fmt: skip
