@@ -25,7 +25,12 @@ from sde_diffusion.solvers.pilot import (
     choose,
     exact_flow,
 )
-from sde_diffusion.solvers.tuning import STARTS, _fractions_to_grid
+from sde_diffusion.solvers.tuning import (
+    HELD_ARCS,
+    HELD_ARCS_SEED,
+    STARTS,
+    _fractions_to_grid,
+)
 
 RING = GaussianMixture.ring(k=8, radius=4.0, std=0.5)
 
@@ -64,12 +69,14 @@ def test_bookkeeping_errors_are_the_grids_on_their_draws_and_nfe_adds_up():
     initial_error / initial_holdout_error are the default grid's errors on those two parts, and
     error / holdout_error the returned grid's, all recomputed independently through `sample`;
     the returned grid is no worse than the start on the held-out draws. Both errors include
-    the switch errors across the jumps of a narrower ring's flow, recomputed here on the same
-    arcs. NFE = the search for the jumps + (6 x trials + grids checked on the held-out draws:
-    the start, the best after 10, 20 and 40 trials and the final one, at most) x (steps + 1)
-    when the reference is given: each trial runs once on its draws and 5 times on the jumps,
-    each grid checked once on the held-out draws (its switch error is the search's); where two
-    or more tie there, each of them once more on all 64 draws for its moments."""
+    the switch errors across the jumps of a narrower ring's flow, recomputed here: the search's
+    on the pilot's arcs, the held-out check's (and switch_error's) on HELD_ARCS arcs of their
+    own. NFE = the search for both sets of jumps + (6 x trials + 6 x grids checked on the
+    held-out draws and jumps: the start, the best after 10, 20 and 40 trials and the final one,
+    at most) x (steps + 1) when the reference is given: each trial runs once on its draws and 5
+    times on the jumps, each grid checked once on the held-out draws and 5 times on their
+    jumps; where two or more tie there, each of them once more on all 64 draws for its
+    moments."""
     sde = get_sde("vp")
     score = GaussianMixture.ring(k=8, radius=4.0, std=0.3).score_fn(sde)  # its flow jumps
     pilot = _draws(sde, 64, seed=2)
@@ -80,29 +87,31 @@ def test_bookkeeping_errors_are_the_grids_on_their_draws_and_nfe_adds_up():
     ours = sample(score, sde, pilot, "dpm_solver", grid=tuned.ts)
     counted = CheckedScore(score)
     flow = partial(exact_flow, counted, sde, tol=ARC_TOL)
-    boundaries = Boundaries.find(flow, sde, pilot, BOUNDARY_ARCS)
-    assert len(boundaries) > 0
-    switches = {
-        "start": boundaries.switch_error(lambda x: sample(score, sde, x, "dpm_solver", 5)),
-        "tuned": boundaries.switch_error(
-            lambda x: sample(score, sde, x, "dpm_solver", grid=tuned.ts)
-        ),
-    }
-    assert (tuned.initial_switch_error, tuned.switch_error) == (
-        switches["start"],
-        switches["tuned"],
-    )
+    searched = Boundaries.find(flow, sde, pilot, BOUNDARY_ARCS)
+    held_out = Boundaries.find(flow, sde, pilot, HELD_ARCS, HELD_ARCS_SEED)
+    assert len(searched) > 0 and len(held_out) > 0
+
+    def switches(arcs: Boundaries) -> dict[str, float]:
+        return {
+            "start": arcs.switch_error(lambda x: sample(score, sde, x, "dpm_solver", 5)),
+            "tuned": arcs.switch_error(
+                lambda x: sample(score, sde, x, "dpm_solver", grid=tuned.ts)
+            ),
+        }
+
+    on_search, on_held = switches(searched), switches(held_out)
+    assert (tuned.initial_switch_error, tuned.switch_error) == (on_held["start"], on_held["tuned"])
     for value, x, part, switch in [
-        (tuned.initial_error, default, fit, switches["start"]),
-        (tuned.initial_holdout_error, default, held, switches["start"]),
-        (tuned.error, ours, fit, switches["tuned"]),
-        (tuned.holdout_error, ours, held, switches["tuned"]),
+        (tuned.initial_error, default, fit, on_search["start"]),
+        (tuned.initial_holdout_error, default, held, on_held["start"]),
+        (tuned.error, ours, fit, on_search["tuned"]),
+        (tuned.holdout_error, ours, held, on_held["tuned"]),
     ]:
         assert value == pytest.approx(_trimmed(x[part], reference[part]) + switch, rel=1e-9)
     assert tuned.holdout_error <= tuned.initial_holdout_error
     assert tuned.error < tuned.initial_error
     search = tuned.nfe - counted.nfe
-    assert tuned.trials == 40 and search % 6 == 0 and 242 * 6 <= search <= 250 * 6
+    assert tuned.trials == 40 and search % 6 == 0 and 252 * 6 <= search <= 282 * 6
     assert tuned.ts.dtype == torch.float64 and len(tuned.ts) == 6
 
 
@@ -254,8 +263,9 @@ def test_the_default_is_tuned_where_the_tuning_draws_would_choose_otherwise():
     """On an 8-D mixture of components with variances 1e-3 to 1 under DDPM at 20 evaluations,
     the pilot run on these 256 tuning draws picks another configuration than `sample()`'s own
     pilot does (rare mode switches decide both); tune_grid(None) tunes the one `sample()` runs
-    (with starts=1, that one alone), so its start is the default itself and the grid it returns
-    is no worse than the default's on the held-out draws and jumps."""
+    (with starts=1, that one alone), so its start is the default itself (its error on the
+    searched draws: the default's distance plus its switch error on the default pilot's arcs)
+    and the grid it returns is no worse than the default's on the held-out draws and jumps."""
     g = torch.Generator().manual_seed(3)
     variances = torch.tensor([1e-3, 1e-2, 1e-1, 1.0], dtype=torch.float64)
     means = torch.randn(4, 8, generator=g, dtype=torch.float64)
@@ -272,15 +282,16 @@ def test_the_default_is_tuned_where_the_tuning_draws_would_choose_otherwise():
     assert own != chosen
     assert (fit.solver, fit.params, fit.denoise) == (chosen.solver, chosen.params, chosen.denoise)
     distance = _trimmed(default.samples, reference[:192])
-    assert fit.initial_error == pytest.approx(distance + fit.initial_switch_error, rel=1e-9)
+    switches = default.pilot.boundaries.switch_error(lambda x: sample(score, sde, x, steps=20))
+    assert fit.initial_error == pytest.approx(distance + switches, rel=1e-9)
     assert fit.holdout_error <= fit.initial_holdout_error
 
 
 def test_where_the_default_runs_no_pilot_it_tunes_converged():
     """At 96 steps on VP (mean log-SNR step below PILOT_MIN_STEP) `sample()`'s default is
     CONVERGED, unpiloted: tune_grid(None) starts from it and, on a mixture whose flow jumps
-    between modes, finds the jumps itself, so its start's error on the searched draws is the
-    default's trimmed distance to the flow plus the start's switch error."""
+    between modes, finds the jumps itself (on the pilot's arcs), so its start's error on the
+    searched draws is the default's trimmed distance to the flow plus its switch error there."""
     sde = get_sde("vp")
     g = torch.Generator().manual_seed(3)
     means = 3 * torch.randn(4, 3, generator=g, dtype=torch.float64)
@@ -295,6 +306,9 @@ def test_where_the_default_runs_no_pilot_it_tunes_converged():
         CONVERGED.denoise,
     )
     default = sample(score, sde, pilot[:48], steps=96, return_info=True)
-    assert default.pilot is None and fit.initial_switch_error > 0
+    flow = partial(exact_flow, score, sde, tol=ARC_TOL)
+    arcs = Boundaries.find(flow, sde, pilot, BOUNDARY_ARCS)
+    switches = arcs.switch_error(lambda x: sample(score, sde, x, steps=96))
+    assert default.pilot is None and switches > 0
     distance = _trimmed(default.samples, reference[:48])
-    assert fit.initial_error == pytest.approx(distance + fit.initial_switch_error, rel=1e-9)
+    assert fit.initial_error == pytest.approx(distance + switches, rel=1e-9)

@@ -286,12 +286,17 @@ class Boundaries:
 
     @classmethod
     def find(
-        cls, flow: Callable[[Tensor], Tensor], sde: SDE, like: Tensor, arcs: int
+        cls,
+        flow: Callable[[Tensor], Tensor],
+        sde: SDE,
+        like: Tensor,
+        arcs: int,
+        seed: int = PILOT_SEED + 1,
     ) -> Boundaries:
-        """Bisect `arcs` arcs (ends drawn from the pilot's generator, seeded apart from its
-        draws) to the jumps of `flow`, a batch map x_T -> x_0; arcs whose bracket stops
-        jumping are dropped as soon as it does."""
-        ends = pilot_draws(sde, like, 2 * arcs, PILOT_SEED + 1)
+        """Bisect `arcs` arcs (ends drawn from the pilot's generator with `seed`, by default
+        the one after its draws') to the jumps of `flow`, a batch map x_T -> x_0; arcs whose
+        bracket stops jumping are dropped as soon as it does."""
+        ends = pilot_draws(sde, like, 2 * arcs, seed)
         a, b = ends[:arcs], ends[arcs:]
         lo = torch.zeros(arcs, dtype=torch.float64, device=like.device)
         hi = torch.full_like(lo, math.pi / 2)
