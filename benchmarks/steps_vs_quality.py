@@ -1,9 +1,9 @@
 """How many score evaluations for which quality? Our few-step default against every peer, on a
 suite of exact-score problems.
 
-    python benchmarks/steps_vs_quality.py --tuned      # the full suite (14 minutes, 1 thread)
-    python benchmarks/steps_vs_quality.py --holdout --tuned  # the held-out problems (19 minutes)
-    python benchmarks/steps_vs_quality.py --third --tuned    # a third set (9 minutes)
+    python benchmarks/steps_vs_quality.py --tuned      # the full suite (38 minutes, 1 thread)
+    python benchmarks/steps_vs_quality.py --holdout --tuned  # the held-out problems (42 minutes)
+    python benchmarks/steps_vs_quality.py --third --tuned    # a third set (9 minutes, one start then)
     python benchmarks/steps_vs_quality.py --quick      # three problems, two schedules (1 minute)
 
 Peers (benchmarks/steps_vs_quality_peers.py): diffusers' DPM-Solver++ (2M, 3M), UniPC, DEIS,
@@ -48,8 +48,8 @@ fits the budget. Every problem reports, at each NFE, the best peer setting and o
 and our error at NFE 20 against our own at NFE 1000 (the floor: `pilot.CONVERGED`, which the
 default runs unpiloted at that many steps). The default's pilot choices
 and their cost are printed; "default without pilot" is `pilot=0`, the fixed configuration. With
---tuned, `tune_grid(..., None, ...)` picks and fits the default's configuration to each problem
-at each budget (pilot draws independent of x_T) and those rows are compared too, with what each
+--tuned, `tune_grid(..., None, ...)` fits the default's configuration and the pilot's three next
+closest to each problem at each budget and keeps one (pilot draws independent of x_T) and those rows are compared too, with what each
 fit cost. --holdout runs problems that no choice of the default was made on instead, --third a
 third set, added once both were in place (the pilot's switch floor was found on it).
 """
