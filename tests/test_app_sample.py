@@ -113,6 +113,33 @@ def test_tuned_grid_is_fitted_written_and_reused(tmp_path):
     assert stochastic["status"] == "invalid" and "dpm_solver, unipc" in stochastic["error"]
 
 
+def test_the_default_tunes_and_its_grid_file_keeps_the_configuration(tmp_path):
+    """solver=default solver.grid=tuned tunes the default (`tune_grid(None)`): grid.json records
+    the configuration that tuned closest, with its parameters and last step, the run samples it
+    (NFE = steps), and solver=default on that file samples it again without tuning: the same
+    samples. t_end or denoise beside it are refused: the grid's configuration fixes its end."""
+    tuned = ["solver=default", "steps=6", "solver.grid=tuned", "tune.pilot=64", "tune.trials=20"]
+    record = _run(tmp_path / "tuned", *tuned)
+    assert record["status"] == "ok" and record["nfe"] == 6 and record["steps"] < 6
+    saved = json.loads((tmp_path / "tuned" / "grid.json").read_text())
+    assert record["configuration"] == saved["configuration"] == record["tuning"]["configuration"]
+    assert saved["solver"] in ("dpm_solver", "unipc") and saved["params"]["order"] in (2, 3)
+    assert saved["denoise"] in ("tweedie", "trapezoid")  # steps < 6: the last step to sigma = 0
+    assert record["tuning"]["trials"] == 4 * 20
+    assert record["tuning"]["holdout_error"] <= record["tuning"]["initial_holdout_error"]
+    grid_file = tmp_path / "tuned" / "grid.json"
+    again = _run(tmp_path / "again", "solver=default", f"solver.grid={grid_file}")
+    assert again["configuration"] == saved["configuration"] and again["tuning"] is None
+    assert again["nfe"] == 6 and "pilot" not in again
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "again" / "samples.npz")["samples"],
+        np.load(tmp_path / "tuned" / "samples.npz")["samples"],
+    )
+    with pytest.raises(ValueError, match="drop t_end and denoise, or name a solver"):
+        _run(tmp_path / "b", "solver=default", f"solver.grid={grid_file}", "t_end=0.01",
+             "denoise=false")  # fmt: skip
+
+
 def _tiny_checkpoint(out_dir, data, n, *overrides):
     """A checkpoint of a tiny MLP trained for 6 steps on `data` (n samples)."""
     cfg = train.compose_config(

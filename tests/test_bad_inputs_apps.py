@@ -62,8 +62,8 @@ CASES = [
     ("sample-ddpm-on-ve", ["sample", "sde=ve", "solver=ddpm"], ["variance-preserving"]),
     (
         "sample-default-tuned",
-        ["sample", "solver=default", "solver.grid=tuned"],
-        ["solver.grid=tuned needs a named solver", "dpm_solver"],
+        ["sample", "solver=default", "solver.grid=tuned", "denoise=tweedie"],
+        ["solver.grid=tuned samples the configuration", "drop denoise", "dpm_solver"],
     ),
     ("likelihood-num_samples", ["likelihood", "num_samples=0"], ["num_samples must be >= 1"]),
     ("likelihood-divergence", ["likelihood", "ode.divergence=trace"], ["exact, hutchinson"]),

@@ -12,11 +12,15 @@ figure (a scatter plot for 2-D data, an image grid for images).
         guidance.kind=classifier guidance.classifier=noisy_classifier.safetensors
     sde-diffusion sample model=oracle solver=unipc steps=9 solver.grid=tuned
     sde-diffusion sample model=oracle solver=unipc solver.grid=<run dir>/grid.json seed=1
+    sde-diffusion sample model=oracle solver=default steps=10 solver.grid=tuned
     sde-diffusion sample -m model=oracle sde=vp,subvp,ve \\
         solver=euler_maruyama,pc,ode,ddpm,ddim,dpm_solver,heun steps=5,10,20,50,100,250,1000
 
 `solver.grid=tuned` fits the grid to the model first (`solvers.tune_grid` on `tune.pilot` prior
 draws, `tune.trials` trial grids) and writes it to grid.json; `solver.grid=<grid.json>` reuses it.
+With solver=default the tuning searches from the pilot's choice and its next closest candidates,
+and grid.json keeps the configuration that tuned closest, which a solver=default run on the file
+samples again.
 
 A solver that is not defined for the SDE (ddpm on VE), or a grid tuned for a stochastic solver, is
 recorded with status "invalid" and the reason, and a run that fails is recorded with status
@@ -42,7 +46,7 @@ from ..solvers import sample
 from ..trainer import resolve_device
 from .config import dtype_of, sde_label
 from .hydra_app import INVALID, USER_ERRORS, RunFailed, register_shared_schemas, run_app
-from .sample_config import DEFAULT_SOLVER, SampleAppConfig, SolverConfig
+from .sample_config import SampleAppConfig, SolverConfig
 from .sample_grid import sampling_grid
 from .sample_inpaint import inpaint_batch, inpaint_metrics
 from .sample_outputs import measure, summary, write_record, write_samples
@@ -87,28 +91,31 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     }
     start = time.perf_counter()
     try:
-        grid, record["tuning"] = sampling_grid(obj, target, device, dtype, out)
-        if isinstance(grid, torch.Tensor):
-            record["steps"] = len(grid) - 1
+        plan = sampling_grid(obj, target, device, dtype, out)
+        record["tuning"] = plan.tuning
+        if isinstance(plan.grid, torch.Tensor):
+            record["steps"] = len(plan.grid) - 1
+        if plan.configuration is not None:
+            record["configuration"] = plan.configuration
         chunks, nfe = [], 0
         for b, first in enumerate(range(0, obj.num_samples, obj.batch_size)):
             n = min(obj.batch_size, obj.num_samples - first)
             generator = torch.Generator(device).manual_seed(obj.seed * 100_003 + b)
             common = dict(
                 steps=obj.steps,
-                grid=grid,
+                grid=plan.grid,
                 t_end=obj.t_end,
-                denoise=obj.denoise,
+                denoise=plan.denoise,
                 generator=generator,
                 progress=sys.stderr.isatty(),
-                **obj.solver.params,
+                **plan.params,
             )
             if obj.inpaint.mask is None:
                 result = sample(
                     target.score_fn,
                     target.sde,
                     (n, *target.data_shape),
-                    solver=None if obj.solver.name == DEFAULT_SOLVER else obj.solver.name,
+                    solver=plan.solver,
                     device=device,
                     dtype=dtype,
                     return_info=True,

@@ -39,8 +39,9 @@ class SolverConfig:
     """A registered solver (or DEFAULT_SOLVER), its time grid and its parameters.
 
     grid: None (the solver's own kind), a kind of GRIDS, "tuned" (fitted to the model before
-    sampling, see TuneConfig; named solvers only) or the path of a grid.json that a tuned run
-    wrote.
+    sampling, see TuneConfig; for DEFAULT_SOLVER with the configuration that tuned closest) or
+    the path of a grid.json that a tuned run wrote (for DEFAULT_SOLVER: with the configuration
+    it was tuned for).
     """
 
     name: str = "dpm_solver"
@@ -48,11 +49,6 @@ class SolverConfig:
     params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.name == DEFAULT_SOLVER and self.grid == "tuned":
-            raise ValueError(
-                "solver=default picks its configuration with a pilot; solver.grid=tuned needs a "
-                "named solver (dpm_solver or unipc), or use solver.grid=<kind> to restrict it"
-            )
         if self.grid in (None, "tuned", *GRIDS) or Path(self.grid).is_file():
             return
         raise ValueError(
@@ -174,5 +170,13 @@ class SampleAppConfig:
             raise ValueError("inpainting needs a named solver, not solver=default")
         if self.denoise is not None:
             final_step(self.denoise)
+        if self.solver.name == DEFAULT_SOLVER and self.solver.grid not in (None, *GRIDS):
+            given = [k for k in ("t_end", "denoise") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(
+                    f"solver=default with solver.grid={self.solver.grid} samples the "
+                    f"configuration the grid is tuned for, its last step included: drop "
+                    f"{' and '.join(given)}, or name a solver (dpm_solver, unipc)"
+                )
         if self.inpaint.mask is not None and self.denoise == "trapezoid":
             raise ValueError("inpainting ends with the Tweedie step: denoise=trapezoid is not one")

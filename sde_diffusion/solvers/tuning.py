@@ -68,6 +68,7 @@ from .pilot import (
     PILOT_DRAWS,
     PILOT_SEED,
     Boundaries,
+    Candidate,
     MomentError,
     cached_choice,
     decide,
@@ -120,6 +121,7 @@ class TunedGrid:
     for this score function).
     solver / params / denoise: what the grid was tuned for (for solver=None, `sample`'s choice
     or one of the pilot's next closest candidates); `kwargs` passes all of it to `sample`.
+    configuration: for solver=None, that candidate of the pilot (None for a named solver).
     """
 
     ts: Tensor
@@ -134,6 +136,7 @@ class TunedGrid:
     solver: str = "unipc"
     params: dict = field(default_factory=dict)
     denoise: bool | str = True
+    configuration: Candidate | None = None
 
     @property
     def kwargs(self) -> dict[str, object]:
@@ -143,12 +146,14 @@ class TunedGrid:
 
 @dataclass(frozen=True)
 class _Start:
-    """Where a search starts: a solver, its parameters, its last step and its grid."""
+    """Where a search starts: a solver, its parameters, its last step, its grid and, for the
+    default's starts, the pilot's candidate."""
 
     solver: str
     params: dict
     denoise: bool | str
     grid: Tensor
+    candidate: Candidate | None = None
 
 
 def _fractions_to_grid(
@@ -252,7 +257,7 @@ def tune_grid(
     elif solver is None:
         chosen = [CONVERGED]
     begin = [
-        _Start(c.solver, {**c.params, **solver_params}, c.denoise, c.grid_for(sde, steps))
+        _Start(c.solver, {**c.params, **solver_params}, c.denoise, c.grid_for(sde, steps), c)
         for c in chosen
     ] or [
         _Start(solver, dict(solver_params), True,
@@ -365,5 +370,5 @@ def tune_grid(
     s = begin[k]
     return TunedGrid(
         grid(k, theta), float(fit_error), errors[0], len(errors), nfe, float(held_error),
-        float(start_held), switches, start_switches, s.solver, s.params, s.denoise,
+        float(start_held), switches, start_switches, s.solver, s.params, s.denoise, s.candidate,
     )  # fmt: skip
