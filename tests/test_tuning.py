@@ -199,7 +199,8 @@ def test_the_default_configuration_tunes_the_pilots_choice():
     them), the tuning moves its grid (T stays first; a grid ending at t_min keeps that end), and
     on a 4-D Gaussian with eigenvalues spread 60x the tuned configuration brings 6 evaluations
     closer to the exact flow (closed form) on independent draws than the default. With STARTS,
-    the search begins at the same start and returns one of the pilot's STARTS closest."""
+    the search begins at the same start and returns one of the pilot's STARTS closest, named
+    as `configuration`."""
     sde = get_sde("ddpm")
     g = torch.Generator().manual_seed(5)
     u = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))[0]
@@ -219,9 +220,11 @@ def test_the_default_configuration_tunes_the_pilots_choice():
     untuned = sample(mix.score_fn(sde), sde, searched, steps=6, return_info=True)
     chosen, errors = untuned.pilot.candidate, untuned.pilot.errors
     assert (fit.solver, fit.params, fit.denoise) == (chosen.solver, chosen.params, chosen.denoise)
+    assert fit.configuration == chosen
     others = sorted((c for c in errors if c != chosen), key=errors.__getitem__)[: STARTS - 1]
-    begun = [(c.solver, c.params, c.denoise) for c in (chosen, *others)]
-    assert (several.solver, several.params, several.denoise) in begun
+    assert several.configuration in (chosen, *others)
+    c = several.configuration
+    assert (several.solver, several.params, several.denoise) == (c.solver, c.params, c.denoise)
     assert several.initial_error == fit.initial_error
     assert fit.initial_error == pytest.approx(_rms(untuned.samples, flow(searched)) ** 2, rel=1e-9)
     assert float(fit.ts[0]) == sde.T and bool((fit.ts[1:] < fit.ts[:-1]).all())
