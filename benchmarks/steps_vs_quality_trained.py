@@ -8,7 +8,7 @@ recall in the digits classifier's features for images), then the report app tabu
 Runs whose metrics.json is already in --out are skipped, so an interrupted sweep resumes and a
 narrow one (--nfe 5 10 20) can be widened later. `--tuned unipc` adds that solver on grids fitted
 to the checkpoint (`solver.grid=tuned`, at NFE <= 20, pilot of --pilot prior draws; the fit's cost
-is in each run's metrics.json).
+is in each run's metrics.json); `--tuned default` tunes the default (`solver=default`).
 
     sde-diffusion train hydra.run.dir=outputs/swiss                         # ~2 min CPU
     python benchmarks/steps_vs_quality_trained.py \\
@@ -26,7 +26,9 @@ digits classifier's features for images, and each also to the network's own prob
 map of the same x_T (solved accurately), which isolates the sampler's error. Budgets are
 matched on counted evaluations. Each budget's best peer setting and our default are then run
 once more from another draw of x_T: the least of some 37 values on one draw is biased low where
-the draw moves them.
+the draw moves them. `--peers --tuned` adds the default on grids `tune_grid(score_fn, sde, None,
+...)` fits to the network at NFE 5, 10, 20 (on --pilot prior draws of their own seed; the fits'
+choice and cost are in peers.md).
 
     python benchmarks/steps_vs_quality_trained.py --peers \\
         --ckpt outputs/swiss/checkpoints/step_00002000.safetensors --out outputs/bench_swiss
@@ -50,7 +52,7 @@ from sde_diffusion.apps.sample import run
 from sde_diffusion.data import DataConfig, load_data
 from sde_diffusion.metrics import SlicedW2, image_metrics, sliced_wasserstein_floor
 from sde_diffusion.sde import ScoreFn
-from sde_diffusion.solvers import SOLVERS, sample
+from sde_diffusion.solvers import SOLVERS, TunedGrid, sample, tune_grid
 from sde_diffusion.solvers.pilot import end_with
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -69,9 +71,29 @@ TRIM = 0.99
 
 NFE = (5, 10, 20, 50, 100, 250, 1000)
 TUNED_NFE = 20  # tuned grids at budgets up to this one
+#: --peers --tuned: the tuned default's row and its trials per start (steps_vs_quality.py's)
+TUNED, TRIALS = "ours: default, grid=tune_grid", 200
 
 
 Sampler = Callable[[Tensor, int], tuple[Tensor, int]]
+
+
+def tuned_default(score_fn: ScoreFn, sde: SDE, pilot: tuple[int, ...], log: dict) -> Sampler:
+    """The default on a grid `tune_grid(..., None, ...)` fits to the network per step count, on
+    prior draws of shape `pilot` and their own seed (not x_T's); each fit and its seconds go
+    into `log`."""
+
+    def go(x_T: Tensor, steps: int) -> tuple[Tensor, int]:
+        if steps not in log:
+            start = time.perf_counter()
+            g = torch.Generator().manual_seed(1000 + steps)
+            fit = tune_grid(score_fn, sde, None, steps, pilot, trials=TRIALS,
+                            generator=g, dtype=x_T.dtype)  # fmt: skip
+            log[steps] = (fit, time.perf_counter() - start)
+        res = sample(score_fn, sde, x_T, return_info=True, **log[steps][0].kwargs)
+        return res.samples, res.nfe
+
+    return go
 
 
 def samplers(score_fn, sde) -> dict[str, Sampler]:
@@ -121,11 +143,13 @@ def judge(
 
 
 @torch.no_grad()
-def peer_table(ckpt: str, nfes: list[int], n: int, out: Path) -> str:
+def peer_table(ckpt: str, nfes: list[int], n: int, out: Path, tuned: int = 0) -> str:
     """Every sampler of `samplers` at each budget on the same x_T: Markdown tables of the metrics
-    of `judge` with counted NFE. Points are also scored on the samples of the 99% of x_T nearest
-    the origin (TRIM): the far tail of the prior ends where the network saw no data (README),
-    which swamps the sliced W2 of every sampler that follows the network's flow there."""
+    of `judge` with counted NFE, and for `tuned` > 0 the default on grids `tune_grid` fits to
+    the network on `tuned` prior draws (budgets up to TUNED_NFE). Points are also scored on the samples of the 99% of x_T
+    nearest the origin (TRIM): the far tail of the prior ends where the network saw no data
+    (README), which swamps the sliced W2 of every sampler that follows the network's flow
+    there."""
     score_fn, sde, meta = load_score_fn(ckpt)
     data = load_data(DataConfig(**meta["config"]["data"]))
 
@@ -143,18 +167,25 @@ def peer_table(ckpt: str, nfes: list[int], n: int, out: Path) -> str:
     values: dict[tuple[str, int], tuple[list[float], int]] = {}  # (label, budget) -> (..., steps)
     start = time.perf_counter()
     runs = samplers(score_fn, sde)
+    fits: dict[int, tuple[TunedGrid, float]] = {}
+    if tuned:
+        runs[TUNED] = tuned_default(score_fn, sde, (tuned, *data.shape), fits)
     for label, go in runs.items():
         counted: dict[int, int] = {}
 
         def nfe(steps: int, go=go, counted=counted, label=label) -> int:
-            if label == "ours: default":  # one evaluation per step, by construction: counting
-                return steps  # it would run a pilot for every step count tried
+            if label in ("ours: default", TUNED):  # one evaluation per step, by construction:
+                return steps  # counting it would run a pilot (or a fit) for every count tried
             if steps not in counted:
                 counted[steps] = go(x_T[:1], steps)[1]
             return counted[steps]
 
         cells: list[list[str]] = [[] for _ in names]
         for b in nfes:
+            if label == TUNED and b > TUNED_NFE:
+                for c in cells:
+                    c.append("")
+                continue
             try:
                 steps = steps_for_budget(nfe, b)
                 x, used = go(x_T, steps)
@@ -189,6 +220,17 @@ def peer_table(ckpt: str, nfes: list[int], n: int, out: Path) -> str:
         "own error and of the data's sampling noise, which at 20 evaluations and more are most "
         "of the distance to the data."
     )
+    if fits:
+        text.append(
+            f"{TUNED}: `tune_grid(score_fn, sde, None, steps, ({tuned}, ...), trials={TRIALS})` "
+            "on prior draws of their own seed, searched from the default's configuration and "
+            "the pilot's next closest; what it picked and cost: "
+            + "; ".join(
+                f"NFE {k}: {f.configuration.label if f.configuration else f.solver}, "
+                f"{f.nfe} evaluations of the pilot batch, {sec:.0f} s"
+                for k, (f, sec) in sorted(fits.items())
+            )
+        )
     for name, r in zip(names, rows, strict=True):
         text += [f"## {name}", "\n".join([*head, *r])]
     text += [
@@ -212,7 +254,8 @@ def remeasure(
     metrics: Callable[[Tensor], list[float]],
     fresh: Tensor,
 ) -> list[str]:
-    """Per metric, a table of our default against each budget's best peer on `fresh` x_T."""
+    """Per metric, a table of our default (and its tuned grid, where run) against each budget's
+    best peer on `fresh` x_T."""
     again: dict[tuple[str, int], list[float]] = {}
 
     def value(label: str, b: int) -> list[float]:
@@ -220,19 +263,23 @@ def remeasure(
             again[label, b] = metrics(runs[label](fresh, values[label, b][1])[0])
         return again[label, b]
 
+    ours = [label for label in ("ours: default", TUNED) if label in runs]
     out = []
     for i, name in enumerate(names):
         lines = [
-            f"| NFE | ours: default | best peer setting above | {name}: ratio |",
-            "|---" * 4 + "|",
+            f"| NFE | {' | '.join(ours)} | best peer setting above | {name}: ratio |",
+            "|---" * (len(ours) + 3) + "|",
         ]
         for b in nfes:
             peers = [k for k in values if k[1] == b and not k[0].startswith("ours")]
             if ("ours: default", b) not in values or not peers:
                 continue
             best = min(peers, key=lambda k: values[k][0][i])[0]
-            mine, theirs = value("ours: default", b)[i], value(best, b)[i]
-            lines.append(f"| {b} | {mine:.4g} | {theirs:.4g} ({best}) | {mine / theirs:.2f} |")
+            theirs = value(best, b)[i]
+            mine = [value(label, b)[i] if (label, b) in values else None for label in ours]
+            cells = " | ".join("" if m is None else f"{m:.4g}" for m in mine)
+            ratios = " / ".join(f"{m / theirs:.2f}" for m in mine if m is not None)
+            lines.append(f"| {b} | {cells} | {theirs:.4g} ({best}) | {ratios} |")
         out.append("\n".join(lines))
     return out
 
@@ -245,7 +292,12 @@ def main() -> None:
     p.add_argument("--nfe", nargs="*", type=int, default=list(NFE))
     p.add_argument("--samples", type=int, default=2000)
     p.add_argument("--metric", default="sliced_w2")
-    p.add_argument("--tuned", nargs="*", default=[], help="solvers to run on tuned grids too")
+    p.add_argument(
+        "--tuned",
+        nargs="*",
+        default=None,
+        help="solvers to run on tuned grids too; with --peers, no names: the default",
+    )
     p.add_argument("--pilot", type=int, default=256, help="prior draws a tuned grid is fitted on")
     p.add_argument("--peers", action="store_true", help=f"ours vs peers at NFE {PEER_NFE}")
     args = p.parse_args()
@@ -253,13 +305,16 @@ def main() -> None:
         p.error(f"checkpoint {args.ckpt} does not exist")
     if args.peers:
         torch.set_num_threads(1)
-        print(peer_table(args.ckpt, list(PEER_NFE), args.samples, args.out))
+        if args.tuned:
+            p.error("--peers --tuned tunes the default: name no solvers")
+        tuned = args.pilot if args.tuned is not None else 0
+        print(peer_table(args.ckpt, list(PEER_NFE), args.samples, args.out, tuned))
         return
     score_fn, sde, meta = load_score_fn(args.ckpt)
     shape = tuple(meta["model"]["data_shape"])
     runs = [(solver, nfe, "", []) for solver in args.solvers for nfe in args.nfe]
     tuned = ["solver.grid=tuned", f"tune.pilot={args.pilot}"]
-    runs += [(s, n, "_tuned", tuned) for s in args.tuned for n in args.nfe if n <= TUNED_NFE]
+    runs += [(s, n, "_tuned", tuned) for s in args.tuned or [] for n in args.nfe if n <= TUNED_NFE]
     for solver, nfe, suffix, extra in runs:
         out = args.out / f"{solver}{suffix}_nfe{nfe}"
         if (out / "metrics.json").exists():

@@ -174,7 +174,8 @@ def test_fresh_draws_remeasure_each_budgets_best_peer_and_ours():
 
 def test_trained_fresh_table_takes_the_best_peer_of_the_first_draw():
     """The trained benchmark's re-measure picks, per budget and metric, the peer that was least
-    on the first draw (not on the fresh one), and runs it and ours on the steps found there."""
+    on the first draw (not on the fresh one), and runs it and ours (and the tuned default where
+    it ran) on the steps found there."""
     trained = _load("steps_vs_quality_trained")
     level = {"ours: default": 1.0, "a": 2.0, "b": 3.0}
     runs = {
@@ -186,6 +187,15 @@ def test_trained_fresh_table_takes_the_best_peer_of_the_first_draw():
                                  torch.zeros(4, 2))  # fmt: skip
     rows = table.splitlines()[2:]
     assert rows == ["| 5 | 1.005 | 2.004 (a) | 0.50 |", "| 10 | 1.01 | 3.01 (b) | 0.34 |"]
+    # the tuned default, where it ran (budget 5 only), in a column of its own and a second ratio
+    runs[trained.TUNED] = lambda x_T, steps: (x_T * 0 + 0.25, steps)
+    values[trained.TUNED, 5] = ([0.1], 5)
+    (table,) = trained.remeasure(runs, values, [5, 10], ["m"], lambda x: [float(x.mean())],
+                                 torch.zeros(4, 2))  # fmt: skip
+    assert table.splitlines()[0].startswith(f"| NFE | ours: default | {trained.TUNED} | best")
+    rows = table.splitlines()[2:]
+    assert rows == ["| 5 | 1.005 | 0.25 | 2.004 (a) | 0.50 / 0.12 |",
+                    "| 10 | 1.01 |  | 3.01 (b) | 0.34 |"]  # fmt: skip
 
 
 def test_trained_judge_measures_the_distance_to_the_networks_own_flow():
