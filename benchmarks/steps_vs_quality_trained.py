@@ -227,7 +227,7 @@ def peer_table(ckpt: str, nfes: list[int], n: int, out: Path, tuned: int = 0) ->
             "the pilot's next closest; what it picked and cost: "
             + "; ".join(
                 f"NFE {k}: {f.configuration.label if f.configuration else f.solver}, "
-                f"{f.nfe} evaluations of the pilot batch, {sec:.0f} s"
+                f"{f.nfe} evaluations, {sec:.0f} s"
                 for k, (f, sec) in sorted(fits.items())
             )
         )
