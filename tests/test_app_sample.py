@@ -117,7 +117,8 @@ def test_the_default_tunes_and_its_grid_file_keeps_the_configuration(tmp_path):
     """solver=default solver.grid=tuned tunes the default (`tune_grid(None)`): grid.json records
     the configuration that tuned closest, with its parameters and last step, the run samples it
     (NFE = steps), and solver=default on that file samples it again without tuning: the same
-    samples. t_end or denoise beside it are refused: the grid's configuration fixes its end."""
+    samples. denoise beside it is refused (the grid's configuration fixes its last step), and
+    t_end beside any tuned or saved grid (it ends at its own last time)."""
     tuned = ["solver=default", "steps=6", "solver.grid=tuned", "tune.pilot=64", "tune.trials=20"]
     record = _run(tmp_path / "tuned", *tuned)
     assert record["status"] == "ok" and record["nfe"] == 6 and record["steps"] < 6
@@ -135,9 +136,10 @@ def test_the_default_tunes_and_its_grid_file_keeps_the_configuration(tmp_path):
         np.load(tmp_path / "again" / "samples.npz")["samples"],
         np.load(tmp_path / "tuned" / "samples.npz")["samples"],
     )
-    with pytest.raises(ValueError, match="drop t_end and denoise, or name a solver"):
-        _run(tmp_path / "b", "solver=default", f"solver.grid={grid_file}", "t_end=0.01",
-             "denoise=false")  # fmt: skip
+    with pytest.raises(ValueError, match="tuned for, its last step included: drop denoise"):
+        _run(tmp_path / "b", "solver=default", f"solver.grid={grid_file}", "denoise=false")
+    with pytest.raises(ValueError, match="ends at its own last time: drop t_end"):
+        _run(tmp_path / "c", "solver=unipc", f"solver.grid={grid_file}", "t_end=0.01")
 
 
 def _tiny_checkpoint(out_dir, data, n, *overrides):

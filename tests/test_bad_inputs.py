@@ -140,6 +140,7 @@ CASES: list[Case] = [
     ("sample: t_end 0", lambda: sample_(t_end=0.0), ValueError, ("t_end=0.0", "0 < t_end")),
     ("sample: unknown grid", lambda: sample_(grid="linear"), ValueError, ("grid", "'linear'", "uniform", "log_snr", "edm", "quadratic")),
     ("sample: increasing grid", lambda: sample_(grid=UP), ValueError, ("grid", "strictly decrease", "grid[0]=")),
+    ("sample: grid tensor and t_end", lambda: sample_(solver="unipc", grid=UP.flip(0), t_end=0.1), ValueError, ("t_end=0.1", "explicit grid tensor", "one or the other")),
     ("sample: unknown solver", lambda: sample_(solver="rk45"), ValueError, ("solver", "'rk45'", "dpm_solver", "unipc", "heun")),
     ("sample: unknown denoise", lambda: sample_(denoise="heun"), ValueError, ("denoise", "'heun'", "True", "'tweedie'", "'trapezoid'")),
     ("Candidate: an end's old name", lambda: Candidate("unipc", "data", "log_snr", "trailing"), ValueError, ("end", "'trailing'", "t_min", "half", "full", "sigma_min")),

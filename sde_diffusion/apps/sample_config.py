@@ -170,13 +170,17 @@ class SampleAppConfig:
             raise ValueError("inpainting needs a named solver, not solver=default")
         if self.denoise is not None:
             final_step(self.denoise)
-        if self.solver.name == DEFAULT_SOLVER and self.solver.grid not in (None, *GRIDS):
-            given = [k for k in ("t_end", "denoise") if getattr(self, k) is not None]
-            if given:
-                raise ValueError(
-                    f"solver=default with solver.grid={self.solver.grid} samples the "
-                    f"configuration the grid is tuned for, its last step included: drop "
-                    f"{' and '.join(given)}, or name a solver (dpm_solver, unipc)"
-                )
+        fitted = self.solver.grid not in (None, *GRIDS)  # tuned here or saved by a tuned run
+        if fitted and self.t_end is not None:
+            raise ValueError(
+                f"t_end ends a grid of a named kind; solver.grid={self.solver.grid} ends at its "
+                "own last time: drop t_end"
+            )
+        if fitted and self.solver.name == DEFAULT_SOLVER and self.denoise is not None:
+            raise ValueError(
+                f"solver=default with solver.grid={self.solver.grid} samples the configuration "
+                "the grid is tuned for, its last step included: drop denoise, or name a solver "
+                "(dpm_solver, unipc)"
+            )
         if self.inpaint.mask is not None and self.denoise == "trapezoid":
             raise ValueError("inpainting ends with the Tweedie step: denoise=trapezoid is not one")

@@ -120,6 +120,11 @@ def resolve_grid(
     named kind (or `default`, the solver's own) down to t_end (default: t_min, or with
     `denoise`, `final_time(sde, steps)`)."""
     if isinstance(grid, Tensor):
+        if t_end is not None:
+            raise ValueError(
+                f"t_end={t_end} ends a grid of a named kind; an explicit grid tensor ends at its "
+                "own last time: pass one or the other"
+            )
         return check_grid(grid, sde, "grid")
     steps = check_int(steps, "steps")
     if t_end is None and denoise:
