@@ -587,7 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elapsed = time.perf_counter() - start
     table = md_table(header, summary)
     tuning = [
-        f"{p}, {s}, {steps} steps: {fit.nfe} evaluations, {secs:.0f} s"
+        f"{p}, {s}, {steps} steps: {fit.configuration.label}, {fit.nfe} evaluations, {secs:.0f} s"
         for (p, s, steps), (fit, secs) in tuning_log.items()
     ]
     command = "python benchmarks/steps_vs_quality.py " + shlex.join(
