@@ -49,8 +49,8 @@ and our error at NFE 20 against our own at NFE 1000 (the floor: `pilot.CONVERGED
 default runs unpiloted at that many steps). The default's pilot choices
 and their cost are printed; "default without pilot" is `pilot=0`, the fixed configuration. With
 --tuned, `tune_grid(..., None, ...)` fits the default's configuration and the pilot's three next
-closest to each problem at each budget and keeps one (pilot draws independent of x_T) and those rows are compared too, with what each
-fit cost. --holdout runs problems that no choice of the default was made on instead, --third a
+closest to each problem at each budget and keeps one (pilot draws independent of x_T, reference
+`pilot.exact_flow`), and those rows are compared too, with what each fit chose and cost. --holdout runs problems that no choice of the default was made on instead, --third a
 third set, added once both were in place (the pilot's switch floor was found on it).
 """
 

@@ -146,10 +146,10 @@ def judge(
 def peer_table(ckpt: str, nfes: list[int], n: int, out: Path, tuned: int = 0) -> str:
     """Every sampler of `samplers` at each budget on the same x_T: Markdown tables of the metrics
     of `judge` with counted NFE, and for `tuned` > 0 the default on grids `tune_grid` fits to
-    the network on `tuned` prior draws (budgets up to TUNED_NFE). Points are also scored on the samples of the 99% of x_T
-    nearest the origin (TRIM): the far tail of the prior ends where the network saw no data
-    (README), which swamps the sliced W2 of every sampler that follows the network's flow
-    there."""
+    the network on `tuned` prior draws (budgets up to TUNED_NFE). Points are also scored on the
+    samples of the 99% of x_T nearest the origin (TRIM): the far tail of the prior ends where
+    the network saw no data (README), which swamps the sliced W2 of every sampler that follows
+    the network's flow there."""
     score_fn, sde, meta = load_score_fn(ckpt)
     data = load_data(DataConfig(**meta["config"]["data"]))
 
@@ -226,8 +226,7 @@ def peer_table(ckpt: str, nfes: list[int], n: int, out: Path, tuned: int = 0) ->
             "on prior draws of their own seed, searched from the default's configuration and "
             "the pilot's next closest; what it picked and cost: "
             + "; ".join(
-                f"NFE {k}: {f.configuration.label if f.configuration else f.solver}, "
-                f"{f.nfe} evaluations, {sec:.0f} s"
+                f"NFE {k}: {f.configuration.label}, {f.nfe} evaluations, {sec:.0f} s"
                 for k, (f, sec) in sorted(fits.items())
             )
         )
