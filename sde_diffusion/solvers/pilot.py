@@ -15,10 +15,11 @@ candidate from the same draws, keep the closest in mean squared distance. Candid
 the closest, which the pilot cannot tell apart, go to the one whose samples' mean and covariance
 match the flow's best (Gaussian KL in the flow's leading directions): squared distance weighs a
 direction by its absolute scale, so a collapsed or inflated small-variance direction (blur, in an
-image) barely moves it, while the KL weighs it relatively. That is the spirit of the optimised
-schedules of Watson et al. (2021), Sabour et al. ("Align Your Steps", 2024) and Xue et al. (2024),
-restricted to a finite family so that it costs a fixed number of evaluations and cannot overfit the
-pilot.
+image) barely moves it, while the KL weighs it relatively. Where the flow is an affine map of the
+draws (Gaussian data) the pilot ranks every candidate by that KL instead, exactly (`AffineLaw`).
+That is the spirit of the optimised schedules of Watson et al. (2021), Sabour et al. ("Align Your
+Steps", 2024) and Xue et al. (2024), restricted to a finite family so that it costs a fixed number
+of evaluations and cannot overfit the pilot.
 
 On a multimodal target the flow map jumps where x_T crosses a boundary between the basins of two
 modes, and a sampler whose own boundary lies a little off sends the draws in between to the other
@@ -70,6 +71,7 @@ from .expint import FIRST_CORRECTORS
 from .grids import GRIDS, final_time, time_grid
 
 __all__ = [
+    "AFFINE_TOL",
     "ARC_TOL",
     "BOUNDARY_ARCS",
     "CANDIDATES",
@@ -79,6 +81,7 @@ __all__ = [
     "PILOT_MIN_STEP",
     "TIE",
     "TRIM",
+    "AffineLaw",
     "Boundaries",
     "Candidate",
     "MomentError",
@@ -142,6 +145,10 @@ SHARED_MISSES = 1 / 16
 ENDS = ("t_min", "zero", "half", "full", "sigma_min")
 #: the share of an equal step that the last step of each such end spans (None: from t_min)
 JUMP_SHARE = {"half": 0.5, "full": 1.0, "sigma_min": None}
+#: the flow is affine in x_T where least squares on the pilot draws leaves at most this share of
+#: its samples' variance: on the oracle's Gaussians 1e-28 (the batch's adaptive steps are shared,
+#: so the solved map is exactly linear), on its mixtures 0.08-0.42 (`AffineLaw`)
+AFFINE_TOL = 1e-8
 #: the last steps to sigma = 0 that `sample(denoise=...)` names, each as its share of the
 #: score in Tweedie's formula x0 = (x + sigma^2 share s(x, t)) / gamma: "tweedie" (also True),
 #: the Tweedie jump (`tweedie_step`), and "trapezoid" (`trapezoid_step`)
@@ -424,7 +431,9 @@ class PilotChoice:
     TRIM farthest where the flow jumps, plus its switch error across the jumps `boundaries`
     found; inf where it diverged), switch error (`Boundaries.switch_error`) and moment error
     (`MomentError`), the score calls spent (nfe, on batches of draws) and the single-sample
-    evaluations they made (evaluations), the reference flow's included."""
+    evaluations they made (evaluations), the reference flow's included. Where the flow is an
+    affine map of the draws (a Gaussian target), `law` is its Gaussian law and each error is
+    instead the KL of the candidate's law to it (`AffineLaw`), the least of which is chosen."""
 
     candidate: Candidate
     errors: dict[Candidate, float]
@@ -433,6 +442,7 @@ class PilotChoice:
     evaluations: int
     switches: dict[Candidate, float] = field(default_factory=dict)
     boundaries: Boundaries | None = None
+    law: AffineLaw | None = None
 
     @property
     def error(self) -> float:
@@ -565,6 +575,58 @@ class MomentError:
         return kl if math.isfinite(kl) else math.inf
 
 
+class AffineLaw:
+    """The Gaussian law of the flow where its samples are an affine map of the prior draws x_T,
+    and the KL of a candidate's law to it: `AffineLaw.fit` returns None where they are not.
+
+    The flow map is affine exactly where the score is linear in x, that is where the data are
+    Gaussian, and then so is every deterministic candidate's map: its samples of the prior,
+    N(0, std^2 I), are N(b, std^2 A^T A) for the map x_T A + b that least squares reads off
+    the pilot's draws (exactly, with more draws than 2 (D + 1)). Two such laws are compared by
+    their KL, exact and free of the draws, where the squared distance weighs each direction by
+    its absolute scale: on Gaussians whose variances span 50x and more it ranked first
+    candidates that collapse or inflate the small directions (blur) 10-80x the family's least
+    KL (docs/default_sampler.md, "Gaussian targets: the KL of the flow's law")."""
+
+    def __init__(self, x_T: Tensor, std: float, reference: Tensor):
+        z = x_T.flatten(1).double() / std
+        self.design = torch.cat([z, z.new_ones(len(z), 1)], 1)
+        self.map = self._map(reference)
+        self.mean, self.cov = self._law(self.map)
+
+    def _map(self, y: Tensor) -> Tensor:
+        """(A; b): least squares of y on the design [x_T / std, 1]."""
+        return torch.linalg.lstsq(self.design, y.flatten(1).double()).solution
+
+    @staticmethod
+    def _law(w: Tensor) -> tuple[Tensor, Tensor]:
+        return w[-1], w[:-1].T @ w[:-1]
+
+    @classmethod
+    def fit(cls, x_T: Tensor, std: float, reference: Tensor) -> AffineLaw | None:
+        """The law of `reference`, the flow of the prior draws x_T (prior std `std`), where it
+        is an affine map of them (AFFINE_TOL) with a regular covariance; else None."""
+        dim = reference[0].numel()
+        if len(x_T) < 2 * (dim + 1) or not bool(torch.isfinite(reference).all()):
+            return None
+        law, y = cls(x_T, std, reference), reference.flatten(1).double()
+        residual = float((y - law.design @ law.map).square().sum())
+        if residual > AFFINE_TOL * float((y - y.mean(0)).square().sum()):
+            return None
+        return law if torch.linalg.cholesky_ex(law.cov).info == 0 else None
+
+    def __call__(self, x: Tensor) -> float:
+        """KL(law of x || the flow's law) for samples x of the same draws (inf where x is not
+        finite or its law is degenerate)."""
+        if not bool(torch.isfinite(x).all()):
+            return math.inf
+        mean, cov = self._law(self._map(x))
+        if torch.linalg.cholesky_ex(cov).info != 0:
+            return math.inf
+        kl = float(gaussian_kl(mean, cov, self.mean, self.cov))
+        return kl if math.isfinite(kl) else math.inf
+
+
 def choose(
     score_fn: ScoreFn,
     sde: SDE,
@@ -613,12 +675,12 @@ def choose(
         if reference is None:
             reference = batched(exact_flow, x_T)
             bar.update(1)
-        boundaries = None
-        if arcs:
+        boundaries, law = None, AffineLaw.fit(x_T, sde.prior_std(), reference)
+        if arcs and law is None:  # an affine flow has no jumps
             flow = functools.partial(batched, exact_flow, tol=ARC_TOL)
             boundaries = Boundaries.find(flow, sde, x_T, arcs)
         bar.update(1)
-        d2, moments, switches, moment_error = {}, {}, {}, MomentError(reference)
+        d2, moments, switches, moment_error, kl = {}, {}, {}, MomentError(reference), {}
         twins: dict[Candidate, list[Candidate]] = {}  # by all but the last step
         for c in fitting:
             twins.setdefault(replace(c, final="tweedie"), []).append(c)
@@ -632,7 +694,12 @@ def choose(
                 switches[c] = boundaries.switch_error(run) if boundaries else 0.0
                 d2[c] = _distance(samples, reference) ** 2
                 moments[c] = moment_error(samples)
+                if law is not None:
+                    kl[c] = law(samples)
                 bar.update(1)
+    if law is not None:
+        best = min(fitting, key=kl.__getitem__)
+        return PilotChoice(best, kl, moments, checked.nfe, evaluations, switches, law=law)
     kept = ~shared_misses(list(d2.values()), boundaries)
     errors = {c: _trimmed_mean(d2[c][kept], boundaries) + switches[c] for c in fitting}
     best = decide(errors, switches, moments.__getitem__, boundaries.floor if boundaries else 0.0)
