@@ -582,11 +582,11 @@ class AffineLaw:
     The flow map is affine exactly where the score is linear in x, that is where the data are
     Gaussian, and then so is every deterministic candidate's map: its samples of the prior,
     N(0, std^2 I), are N(b, std^2 A^T A) for the map x_T A + b that least squares reads off
-    the pilot's draws (exactly, with more draws than 2 (D + 1)). Two such laws are compared by
-    their KL, exact and free of the draws, where the squared distance weighs each direction by
-    its absolute scale: on Gaussians whose variances span 50x and more it ranked first
-    candidates that collapse or inflate the small directions (blur) 10-80x the family's least
-    KL (docs/default_sampler.md, "Gaussian targets: the KL of the flow's law")."""
+    the pilot's draws (exactly, from 2 (D + 1) draws on). Two such laws are compared by their
+    KL, exact and free of the draws, where the squared distance weighs each direction by its
+    absolute scale: on Gaussians whose variances span 50x and more it ranked first candidates
+    that collapse or inflate the small directions (blur), up to 83x the family's least KL
+    (docs/default_sampler.md, "Gaussian targets: the KL of the flow's law")."""
 
     def __init__(self, x_T: Tensor, std: float, reference: Tensor):
         z = x_T.flatten(1).double() / std

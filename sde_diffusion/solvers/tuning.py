@@ -109,19 +109,19 @@ def tunable_solvers() -> tuple[str, ...]:
 class TunedGrid:
     """What `tune_grid` returns: the grid (float64, T first) and what tuning found and cost.
 
-    error / initial_error: mean squared distance per sample between the solver's samples and
-    the exact flow on the draws the search saw (without the `pilot.TRIM` farthest where the
-    flow jumps) plus the switch error on the search's arcs (`pilot.Boundaries.switch_error`),
-    which the search minimised, on the returned grid and on the start grid (the default's own,
-    where several starts were searched); holdout_error / initial_holdout_error: the same on the
+    error / initial_error: mean squared distance per sample between the solver's samples and the
+    exact flow on the draws the search saw (without the `pilot.TRIM` farthest where the flow
+    jumps) plus the switch error on the search's arcs (`pilot.Boundaries.switch_error`), which
+    the search minimised, on the returned grid and on the start grid (the default's own, where
+    several starts were searched); holdout_error / initial_holdout_error: the same on the
     held-out draws and arcs, by which (ties to the moments) the returned grid was chosen among
     the searches' snapshots (module docstring); switch_error / initial_switch_error: that
     held-out switch error alone (0 where the flow has no jump on those arcs, or nothing is held
     out). Where the flow is an affine map of the draws (a Gaussian target), error and
     initial_error are instead the KL of the grid's Gaussian law to the flow's
-    (`pilot.AffineLaw`), and nothing is held out. trials: grids tried by all searches. nfe: every score evaluation this call spent, the
-    reference flow's included (and for solver=None the pilot's, unless `sample` already paid it
-    for this score function).
+    (`pilot.AffineLaw`), and nothing is held out. trials: grids tried by all searches. nfe:
+    every score evaluation this call spent, the reference flow's included (and for solver=None
+    the pilot's, unless `sample` already paid it for this score function).
     solver / params / denoise: what the grid was tuned for (for solver=None, `sample`'s choice
     or one of the pilot's next closest candidates); `kwargs` passes all of it to `sample`.
     configuration: for solver=None, that candidate of the pilot (None for a named solver).
