@@ -1,9 +1,9 @@
 """How many score evaluations for which quality? Our few-step default against every peer, on a
 suite of exact-score problems.
 
-    python benchmarks/steps_vs_quality.py --tuned      # the full suite (41 minutes, 1 thread)
-    python benchmarks/steps_vs_quality.py --holdout --tuned  # the held-out problems (46 minutes)
-    python benchmarks/steps_vs_quality.py --third --tuned    # a third set (21 minutes)
+    python benchmarks/steps_vs_quality.py --tuned      # the full suite (32 minutes, 1 thread)
+    python benchmarks/steps_vs_quality.py --holdout --tuned  # the held-out problems (36 minutes)
+    python benchmarks/steps_vs_quality.py --third --tuned    # a third set (15 minutes)
     python benchmarks/steps_vs_quality.py --quick      # three problems, two schedules (1 minute)
 
 Peers (benchmarks/steps_vs_quality_peers.py): diffusers' DPM-Solver++ (2M, 3M), UniPC, DEIS,
