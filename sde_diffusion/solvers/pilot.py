@@ -641,8 +641,9 @@ def choose(
     """The candidate whose samples from the pilot draws x_T lie closest to their exact flow
     `reference` (by default solved here), at `steps` evaluations each, its switch error across
     the flow's jumps on `arcs` arcs added (`Boundaries`; none for arcs=0), ties within TIE
-    decided by `MomentError`; `batch`: evaluate the score on batches of this many draws (all of
-    them at once by default).
+    decided by `MomentError`; where the flow is an affine map of x_T, the candidate whose
+    Gaussian law lies closest to the flow's in KL (`AffineLaw`; no arcs). `batch`: evaluate the
+    score on batches of this many draws (all of them at once by default).
 
     Every candidate runs on every draw: screening all of them on the first 32 draws and running
     the 6 closest there on all 256 costs 0.38 of the evaluations, but on the multimodal problems
