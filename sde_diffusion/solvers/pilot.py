@@ -147,7 +147,7 @@ ENDS = ("t_min", "zero", "half", "full", "sigma_min")
 JUMP_SHARE = {"half": 0.5, "full": 1.0, "sigma_min": None}
 #: the flow is affine in x_T where least squares on the pilot draws leaves at most this share of
 #: its samples' variance: on the oracle's Gaussians 1e-28 (the batch's adaptive steps are shared,
-#: so the solved map is exactly linear), on its mixtures 0.08-0.42 (`AffineLaw`)
+#: so the solved map is exactly linear; 3e-12 in float32), on its mixtures 0.08-0.42 (`AffineLaw`)
 AFFINE_TOL = 1e-8
 #: the last steps to sigma = 0 that `sample(denoise=...)` names, each as its share of the
 #: score in Tweedie's formula x0 = (x + sigma^2 share s(x, t)) / gamma: "tweedie" (also True),
