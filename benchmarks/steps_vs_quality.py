@@ -51,7 +51,9 @@ and their cost are printed; "default without pilot" is `pilot=0`, the fixed conf
 --tuned, `tune_grid(..., None, ...)` fits the default's configuration and the pilot's three next
 closest to each problem at each budget and keeps one (pilot draws independent of x_T, reference
 `pilot.exact_flow`), and those rows are compared too, with what each fit chose and cost. --holdout runs problems that no choice of the default was made on instead, --third a
-third set, added once both were in place (the pilot's switch floor was found on it).
+third set, added once both were in place (the pilot's switch floor was found on it), --random
+SEED COUNT that many random Gaussians (`random_gaussian`: the probe that found where squared
+distance misranks Gaussians, docs/default_sampler.md "Gaussian targets").
 """
 
 from __future__ import annotations
@@ -210,6 +212,32 @@ def third() -> dict[str, Callable[[], GaussianMixture]]:
         "10-D mixture of 3 (unequal)": unequal_mixture,
         "3-D two narrow modes": narrow_modes,
     }
+
+
+#: `random_gaussian`'s dimensions and eigenvalue profiles
+RANDOM_DIMS, PROFILES = (2, 3, 5, 6, 8, 12, 20, 32, 48), ("log", "two", "rand")
+
+
+def random_gaussian(seed: int) -> tuple[str, GaussianMixture]:
+    """A Gaussian drawn from `seed`, with its name: a dimension of RANDOM_DIMS, eigenvalues
+    between top / spread and top (spread log-uniform in 10-5000, top in 0.3-3.3), log-spaced
+    from end to end, in two equal clusters at both ends, or log-uniform between them, a random
+    rotation, and a mean of a random scale (norm up to about 3)."""
+    g = torch.Generator().manual_seed(seed)
+    dim = RANDOM_DIMS[int(torch.randint(len(RANDOM_DIMS), (1,), generator=g))]
+    spread = float(10 ** (1 + 2.7 * torch.rand(1, generator=g)))
+    profile = PROFILES[int(torch.randint(len(PROFILES), (1,), generator=g))]
+    top = float(0.3 + 3 * torch.rand(1, generator=g))
+    if profile == "log":
+        ev = torch.logspace(math.log10(top / spread), math.log10(top), dim, dtype=torch.float64)
+    elif profile == "two":
+        ev = torch.where(torch.arange(dim) < dim // 2, top / spread, top).double()
+    else:
+        ev = top / spread ** torch.rand(dim, generator=g, dtype=torch.float64)
+    u = _rotation(dim, g)
+    mean = float(torch.rand(1, generator=g)) * torch.randn(dim, generator=g, dtype=torch.float64)
+    name = f"random Gaussian {seed}: {dim}-D, {profile} {spread:.0f}x"
+    return name, GaussianMixture.gaussian(mean, u @ torch.diag(ev) @ u.T)
 
 
 def problems(quick: bool) -> dict[str, Callable[[], GaussianMixture]]:
@@ -498,6 +526,10 @@ def detail_table(records: Sequence[dict]) -> str:
 def problem_set(args: argparse.Namespace) -> dict[str, Callable[[], GaussianMixture]]:
     if args.holdout:
         return holdout()
+    if args.random:
+        first, count = args.random
+        drawn = [random_gaussian(seed) for seed in range(first, first + count)]
+        return {name: lambda mix=mix: mix for name, mix in drawn}
     return third() if args.third else problems(args.quick)
 
 
@@ -511,6 +543,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = parser.add_mutually_exclusive_group()
     chosen.add_argument("--holdout", action="store_true", help="the held-out problems instead")
     chosen.add_argument("--third", action="store_true", help="the third set instead")
+    chosen.add_argument(
+        "--random",
+        nargs=2,
+        type=int,
+        metavar=("SEED", "COUNT"),
+        help="COUNT random Gaussians (random_gaussian) from SEED on instead",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--mix-samples",
@@ -593,9 +632,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python benchmarks/steps_vs_quality.py " + shlex.join(
         sys.argv[1:] if argv is None else argv
     )
+    kind = {"holdout": "held-out problems", "third": "third set", "random": "random Gaussians"}
     md = [
         "# Steps against quality: the default sampler against every peer, exact-score "
-        + ("held-out problems" if args.holdout else "third set" if args.third else "suite"),
+        + next((v for k, v in kind.items() if getattr(args, k)), "suite"),
         f"Regenerate with `{command.strip()}` ({elapsed:.0f} s, {args.threads} torch thread(s)). "
         "Errors: exact KL for the Gaussians, sliced W2 to the exact flow of the same x_T for the "
         "mixtures. Ratios below 1: our default beats the best peer setting at that NFE.",
@@ -626,6 +666,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "steps_vs_quality" + ("_holdout" if args.holdout else "_third" if args.third else "")
+    stem += f"_random_{args.random[0]}_{args.random[1]}" if args.random else ""
     extra = [s for s in schedules if s not in SUITE_SCHEDULES]
     if extra:  # schedules outside the suite's get files of their own
         stem += "_" + "_".join(extra)

@@ -51,6 +51,28 @@ def test_a_tiny_subset_runs_end_to_end(tmp_path, capsys):
     assert (tmp_path / "steps_vs_quality.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_random_gaussians_are_drawn_from_their_seed_alone(tmp_path):
+    """`--random SEED COUNT` replaces the problems by `random_gaussian(seed)`: the same seed
+    gives the same target, its covariance's eigenvalues lie within its stated spread (10-5000x)
+    and below 3.3, and the run names its file after the seeds."""
+    for seed in range(601, 611):
+        name, mix = bench.random_gaussian(seed)
+        again = bench.random_gaussian(seed)[1]
+        assert torch.equal(mix.means, again.means) and torch.equal(mix.covs, again.covs)
+        ev = torch.linalg.eigvalsh(mix.covs[0])
+        assert mix.dim in bench.RANDOM_DIMS and 0 < float(ev.min()) and float(ev.max()) <= 3.3
+        spread = float(name.split()[-1].rstrip("x"))  # rounded to an integer in the name
+        assert float(ev.max() / ev.min()) <= spread + 0.5 and 10 <= spread <= 5012
+    threads = torch.get_num_threads()
+    try:
+        argv = ["--random", "604", "1", "--schedules", "ddpm", "--peers", "DPM++2M lu"]
+        assert bench.main([*argv, "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    md = (tmp_path / "steps_vs_quality_random_604_1.md").read_text()
+    assert "exact-score random Gaussians" in md and "| random Gaussian 604: 3-D" in md
+
+
 def test_exact_kl_of_an_affine_sampler_is_its_output_law():
     """On a Gaussian the error is read off the sampler's affine map; for a map known in closed
     form (the exact flow) it is the KL of the exact flow's law, near zero."""
