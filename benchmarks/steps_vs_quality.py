@@ -53,7 +53,9 @@ closest to each problem at each budget and keeps one (pilot draws independent of
 `pilot.exact_flow`), and those rows are compared too, with what each fit chose and cost. --holdout runs problems that no choice of the default was made on instead, --third a
 third set, added once both were in place (the pilot's switch floor was found on it), --random
 SEED COUNT that many random Gaussians (`random_gaussian`: the probe that found where squared
-distance misranks Gaussians, docs/default_sampler.md "Gaussian targets").
+distance misranks Gaussians, docs/default_sampler.md "Gaussian targets"), --random-mixtures
+SEED COUNT that many random mixtures (`random_mixture`: dimension, component count, weights,
+separation, shapes and scales from the seed).
 """
 
 from __future__ import annotations
@@ -238,6 +240,42 @@ def random_gaussian(seed: int) -> tuple[str, GaussianMixture]:
     mean = float(torch.rand(1, generator=g)) * torch.randn(dim, generator=g, dtype=torch.float64)
     name = f"random Gaussian {seed}: {dim}-D, {profile} {spread:.0f}x"
     return name, GaussianMixture.gaussian(mean, u @ torch.diag(ev) @ u.T)
+
+
+#: `random_mixture`'s dimensions
+MIXTURE_DIMS = (2, 3, 4, 6, 8, 12, 16, 24, 32)
+
+
+def random_mixture(seed: int) -> tuple[str, GaussianMixture]:
+    """A Gaussian mixture drawn from `seed`, with its name: a dimension of MIXTURE_DIMS, 2-12
+    components with flat-Dirichlet weights and means of a random scale (0.3-3 per coordinate),
+    each a Gaussian of its own random rotation whose eigenvalues lie between top / spread and
+    top in one of PROFILES (spread log-uniform in 1-300), with tops log-uniform between 1 and
+    1/1000 of a common top in 0.03-1.03 (component scales apart by up to 1000x)."""
+    g = torch.Generator().manual_seed(seed)
+    dim = MIXTURE_DIMS[int(torch.randint(len(MIXTURE_DIMS), (1,), generator=g))]
+    k = 2 + int(torch.randint(11, (1,), generator=g))
+    w = -torch.rand(k, generator=g, dtype=torch.float64).log()
+    means = float(0.3 + 2.7 * torch.rand(1, generator=g)) * torch.randn(
+        k, dim, generator=g, dtype=torch.float64
+    )
+    profile = PROFILES[int(torch.randint(len(PROFILES), (1,), generator=g))]
+    spread = float(10 ** (2.5 * torch.rand(1, generator=g)))
+    scales = float(10 ** (3 * torch.rand(1, generator=g)))
+    top = float(0.03 + torch.rand(1, generator=g))
+    covs = []
+    for _ in range(k):
+        c = top / scales ** float(torch.rand(1, generator=g))
+        if profile == "log":
+            ev = torch.logspace(math.log10(c / spread), math.log10(c), dim, dtype=torch.float64)
+        elif profile == "two":
+            ev = torch.where(torch.arange(dim) < dim // 2, c / spread, c).double()
+        else:
+            ev = c / spread ** torch.rand(dim, generator=g, dtype=torch.float64)
+        u = _rotation(dim, g)
+        covs.append(u @ torch.diag(ev) @ u.T)
+    name = f"random mixture {seed}: {dim}-D, {k} components, {profile} {spread:.0f}x, {scales:.0f}x"
+    return name, GaussianMixture(w / w.sum(), means, torch.stack(covs))
 
 
 def problems(quick: bool) -> dict[str, Callable[[], GaussianMixture]]:
@@ -526,9 +564,10 @@ def detail_table(records: Sequence[dict]) -> str:
 def problem_set(args: argparse.Namespace) -> dict[str, Callable[[], GaussianMixture]]:
     if args.holdout:
         return holdout()
-    if args.random:
-        first, count = args.random
-        drawn = [random_gaussian(seed) for seed in range(first, first + count)]
+    if args.random or args.random_mixtures:
+        first, count = args.random or args.random_mixtures
+        draw = random_gaussian if args.random else random_mixture
+        drawn = [draw(seed) for seed in range(first, first + count)]
         return {name: lambda mix=mix: mix for name, mix in drawn}
     return third() if args.third else problems(args.quick)
 
@@ -549,6 +588,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         metavar=("SEED", "COUNT"),
         help="COUNT random Gaussians (random_gaussian) from SEED on instead",
+    )
+    chosen.add_argument(
+        "--random-mixtures",
+        nargs=2,
+        type=int,
+        metavar=("SEED", "COUNT"),
+        help="COUNT random Gaussian mixtures (random_mixture) from SEED on instead",
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
@@ -632,7 +678,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python benchmarks/steps_vs_quality.py " + shlex.join(
         sys.argv[1:] if argv is None else argv
     )
-    kind = {"holdout": "held-out problems", "third": "third set", "random": "random Gaussians"}
+    kind = {"holdout": "held-out problems", "third": "third set", "random": "random Gaussians",
+            "random_mixtures": "random mixtures"}  # fmt: skip
     md = [
         "# Steps against quality: the default sampler against every peer, exact-score "
         + next((v for k, v in kind.items() if getattr(args, k)), "suite"),
@@ -667,6 +714,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "steps_vs_quality" + ("_holdout" if args.holdout else "_third" if args.third else "")
     stem += f"_random_{args.random[0]}_{args.random[1]}" if args.random else ""
+    if args.random_mixtures:
+        stem += "_random_mixtures_{}_{}".format(*args.random_mixtures)
     extra = [s for s in schedules if s not in SUITE_SCHEDULES]
     if extra:  # schedules outside the suite's get files of their own
         stem += "_" + "_".join(extra)

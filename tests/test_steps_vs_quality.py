@@ -73,6 +73,33 @@ def test_random_gaussians_are_drawn_from_their_seed_alone(tmp_path):
     assert "exact-score random Gaussians" in md and "| random Gaussian 604: 3-D" in md
 
 
+def test_random_mixtures_are_drawn_from_their_seed_alone(tmp_path):
+    """`--random-mixtures SEED COUNT` replaces the problems by `random_mixture(seed)`: the same
+    seed gives the same target; 2-12 components, weights summing to one, each component's
+    eigenvalues within the stated spread and below 1.03, the components' largest eigenvalues
+    within the stated ratio of scales; the run names its file after the seeds."""
+    for seed in range(701, 711):
+        name, mix = bench.random_mixture(seed)
+        again = bench.random_mixture(seed)[1]
+        assert torch.equal(mix.means, again.means) and torch.equal(mix.covs, again.covs)
+        assert mix.dim in bench.MIXTURE_DIMS and 2 <= mix.num_components <= 12
+        assert abs(float(mix.weights.sum()) - 1) < 1e-12 and bool((mix.weights > 0).all())
+        ev = torch.linalg.eigvalsh(mix.covs)
+        spread, scales = (float(w.rstrip("x,")) for w in name.split()[-2:])
+        assert bool((ev > 0).all()) and float(ev.max()) <= 1.03
+        assert float((ev[:, -1] / ev[:, 0]).max()) <= spread + 0.5 and spread <= 317
+        assert float(ev[:, -1].max() / ev[:, -1].min()) <= scales + 0.5 and scales <= 1000.5
+    threads = torch.get_num_threads()
+    try:
+        argv = ["--random-mixtures", "718", "1", "--schedules", "ddpm", "--peers", "DPM++2M lu",
+                "--mix-samples", "200", "--fresh-samples", "0"]  # fmt: skip
+        assert bench.main([*argv, "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    md = (tmp_path / "steps_vs_quality_random_mixtures_718_1_200_draws.md").read_text()
+    assert "exact-score random mixtures" in md and "| random mixture 718: 2-D, 3 components" in md
+
+
 def test_exact_kl_of_an_affine_sampler_is_its_output_law():
     """On a Gaussian the error is read off the sampler's affine map; for a map known in closed
     form (the exact flow) it is the KL of the exact flow's law, near zero."""
