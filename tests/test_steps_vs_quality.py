@@ -7,6 +7,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from sde_diffusion import VESDE, VPSDE, DiscreteVPSDE, GaussianMixture, SubVPSDE
@@ -296,3 +297,25 @@ def test_tuned_rows_fit_the_flow_the_default_is_judged_by():
     cells = [bench.evaluate(problem, m, 10, {}) for m in (bench.tuned({}), bench.ours("d", True))]
     tuned, default = (c["error"] for c in cells)
     assert tuned <= default < 0.011
+
+
+def test_switch_rates_splits_a_mixture_cell_and_refuses_a_gaussian(capsys):
+    """benchmarks/switch_rates.py on two narrow modes: the flow's jump found, a row per sampler
+    with its switches, the blocks counted; a Gaussian (no jumps) and an ambiguous problem name
+    are refused by name."""
+    switch_rates = _load("switch_rates")
+    threads = torch.get_num_threads()
+    try:
+        argv = ["--problem", "narrow modes", "--schedule", "ddpm", "--nfe", "5",
+                "--peers", "DPM++2M lu", "--draws", "2000"]  # fmt: skip
+        assert switch_rates.main(argv) == 0
+        out = capsys.readouterr().out
+        assert "| ours: default | 5 |" in out and "| diffusers: DPM++2M lu | 5 |" in out
+        assert "the flow's smallest jump 5.5" in out and "of 2 blocks of 1000 draws" in out
+        for problem, said in (("Gaussian 4-D", "is a Gaussian"), ("mixture", "names [")):
+            argv[1] = problem
+            with pytest.raises(SystemExit):
+                switch_rates.main(argv)
+            assert said in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)
