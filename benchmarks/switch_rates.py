@@ -14,8 +14,8 @@ draws and one, costing several times its other error, on some: the cell is then 
 which sampler's switches happened to be drawn. This measures both parts on `--draws` draws (seed
 FRESH_SEED + 1, apart from the tables' x_T and fresh draws): a draw switches where it lands
 farther than half the flow's smallest jump from the flow's own sample (the jump from the
-default's pilot, `Boundaries.smallest_jump`; none where its arcs find no jump); the mean squared distance of the other draws is
-the smooth part. The sliced W2 on each block of MIX_SAMPLES draws, as the table measures it,
+default's pilot, `Boundaries.smallest_jump`; none where its arcs find no jump); the mean squared
+distance of the other draws is the smooth part. The sliced W2 on each block of MIX_SAMPLES draws, as the table measures it,
 gives how often each sampler wins, and exp(-rate * MIX_SAMPLES) the chance that a block of the
 table's size holds none of its switches.
 """
@@ -87,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         peers += [from_peer(p) for p in k_diffusion_peers()]
     except ImportError as e:
         print(f"running without k-diffusion: {e}")
-    methods = [ours("default", fixed=True)]
-    methods += [p for p in peers if any(k in p.label for k in args.peers)]
+    named = [p for p in peers if any(k in p.label for k in args.peers)]
+    if not named:
+        parser.error(f"--peers {args.peers} name none of {[p.label for p in peers]}")
+    methods = [ours("default", fixed=True), *named]
 
     blocks = args.draws // MIX_SAMPLES
     judges = [

@@ -301,8 +301,8 @@ def test_tuned_rows_fit_the_flow_the_default_is_judged_by():
 
 def test_switch_rates_splits_a_mixture_cell_and_refuses_a_gaussian(capsys):
     """benchmarks/switch_rates.py on two narrow modes: the flow's jump found, a row per sampler
-    with its switches, the blocks counted; a Gaussian (no jumps) and an ambiguous problem name
-    are refused by name."""
+    with its switches, the blocks counted; a Gaussian (no jumps), an ambiguous problem name and
+    peers that name no peer are refused by name."""
     switch_rates = _load("switch_rates")
     threads = torch.get_num_threads()
     try:
@@ -312,10 +312,13 @@ def test_switch_rates_splits_a_mixture_cell_and_refuses_a_gaussian(capsys):
         out = capsys.readouterr().out
         assert "| ours: default | 5 |" in out and "| diffusers: DPM++2M lu | 5 |" in out
         assert "the flow's smallest jump 5.5" in out and "of 2 blocks of 1000 draws" in out
-        for problem, said in (("Gaussian 4-D", "is a Gaussian"), ("mixture", "names [")):
-            argv[1] = problem
+        refused = [("Gaussian 4-D", "DPM++2M lu", "is a Gaussian"),
+                   ("mixture", "DPM++2M lu", "names ["),
+                   ("narrow modes", "no such peer", "name none of")]  # fmt: skip
+        for problem, peer, said in refused:
+            bad = ["--problem", problem, *argv[2:6], "--peers", peer, "--draws", "2000"]
             with pytest.raises(SystemExit):
-                switch_rates.main(argv)
+                switch_rates.main(bad)
             assert said in capsys.readouterr().err
     finally:
         torch.set_num_threads(threads)
