@@ -220,6 +220,16 @@ def third() -> dict[str, Callable[[], GaussianMixture]]:
 RANDOM_DIMS, PROFILES = (2, 3, 5, 6, 8, 12, 20, 32, 48), ("log", "two", "rand")
 
 
+def _eigenvalues(profile: str, top: float, spread: float, dim: int, g: torch.Generator) -> Tensor:
+    """`dim` eigenvalues between top / spread and top: log-spaced from end to end ("log"), in two
+    equal clusters at both ends ("two") or log-uniform between them ("rand", drawn from g)."""
+    if profile == "log":
+        return torch.logspace(math.log10(top / spread), math.log10(top), dim, dtype=torch.float64)
+    if profile == "two":
+        return torch.where(torch.arange(dim) < dim // 2, top / spread, top).double()
+    return top / spread ** torch.rand(dim, generator=g, dtype=torch.float64)
+
+
 def random_gaussian(seed: int) -> tuple[str, GaussianMixture]:
     """A Gaussian drawn from `seed`, with its name: a dimension of RANDOM_DIMS, eigenvalues
     between top / spread and top (spread log-uniform in 10-5000, top in 0.3-3.3), log-spaced
@@ -230,12 +240,7 @@ def random_gaussian(seed: int) -> tuple[str, GaussianMixture]:
     spread = float(10 ** (1 + 2.7 * torch.rand(1, generator=g)))
     profile = PROFILES[int(torch.randint(len(PROFILES), (1,), generator=g))]
     top = float(0.3 + 3 * torch.rand(1, generator=g))
-    if profile == "log":
-        ev = torch.logspace(math.log10(top / spread), math.log10(top), dim, dtype=torch.float64)
-    elif profile == "two":
-        ev = torch.where(torch.arange(dim) < dim // 2, top / spread, top).double()
-    else:
-        ev = top / spread ** torch.rand(dim, generator=g, dtype=torch.float64)
+    ev = _eigenvalues(profile, top, spread, dim, g)
     u = _rotation(dim, g)
     mean = float(torch.rand(1, generator=g)) * torch.randn(dim, generator=g, dtype=torch.float64)
     name = f"random Gaussian {seed}: {dim}-D, {profile} {spread:.0f}x"
@@ -265,13 +270,9 @@ def random_mixture(seed: int) -> tuple[str, GaussianMixture]:
     top = float(0.03 + torch.rand(1, generator=g))
     covs = []
     for _ in range(k):
-        c = top / scales ** float(torch.rand(1, generator=g))
-        if profile == "log":
-            ev = torch.logspace(math.log10(c / spread), math.log10(c), dim, dtype=torch.float64)
-        elif profile == "two":
-            ev = torch.where(torch.arange(dim) < dim // 2, c / spread, c).double()
-        else:
-            ev = c / spread ** torch.rand(dim, generator=g, dtype=torch.float64)
+        ev = _eigenvalues(
+            profile, top / scales ** float(torch.rand(1, generator=g)), spread, dim, g
+        )
         u = _rotation(dim, g)
         covs.append(u @ torch.diag(ev) @ u.T)
     name = f"random mixture {seed}: {dim}-D, {k} components, {profile} {spread:.0f}x, {scales:.0f}x"
@@ -582,20 +583,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = parser.add_mutually_exclusive_group()
     chosen.add_argument("--holdout", action="store_true", help="the held-out problems instead")
     chosen.add_argument("--third", action="store_true", help="the third set instead")
-    chosen.add_argument(
-        "--random",
-        nargs=2,
-        type=int,
-        metavar=("SEED", "COUNT"),
-        help="COUNT random Gaussians (random_gaussian) from SEED on instead",
-    )
-    chosen.add_argument(
-        "--random-mixtures",
-        nargs=2,
-        type=int,
-        metavar=("SEED", "COUNT"),
-        help="COUNT random Gaussian mixtures (random_mixture) from SEED on instead",
-    )
+    for flag, what in (("--random", "Gaussians (random_gaussian)"),
+                       ("--random-mixtures", "Gaussian mixtures (random_mixture)")):  # fmt: skip
+        chosen.add_argument(flag, nargs=2, type=int, metavar=("SEED", "COUNT"),
+                            help=f"COUNT random {what} from SEED on instead")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--mix-samples",
