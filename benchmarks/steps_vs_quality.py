@@ -234,7 +234,7 @@ def random_gaussian(seed: int) -> tuple[str, GaussianMixture]:
     """A Gaussian drawn from `seed`, with its name: a dimension of RANDOM_DIMS, eigenvalues
     between top / spread and top (spread log-uniform in 10-5000, top in 0.3-3.3), log-spaced
     from end to end, in two equal clusters at both ends, or log-uniform between them, a random
-    rotation, and a mean of a random scale (norm up to about 3)."""
+    rotation, and a mean whose coordinates have a random standard deviation (0-1)."""
     g = torch.Generator().manual_seed(seed)
     dim = RANDOM_DIMS[int(torch.randint(len(RANDOM_DIMS), (1,), generator=g))]
     spread = float(10 ** (1 + 2.7 * torch.rand(1, generator=g)))

@@ -29,6 +29,14 @@ bench = _load("steps_vs_quality")
 peers = _load("steps_vs_quality_peers")
 
 
+@pytest.fixture
+def threads():
+    """The benchmarks' main() sets torch's thread count; the next test gets it back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 def test_budget_is_the_most_steps_whose_counted_nfe_fits():
     def fit(nfe_of_steps, budgets):
         return [peers.steps_for_budget(nfe_of_steps, b) for b in budgets]
@@ -38,13 +46,9 @@ def test_budget_is_the_most_steps_whose_counted_nfe_fits():
     assert fit(lambda s: s + 1 + s // 10, (100,)) == [90]  # not linear: the walk still finds it
 
 
-def test_a_tiny_subset_runs_end_to_end(tmp_path, capsys):
+def test_a_tiny_subset_runs_end_to_end(tmp_path, capsys, threads):
     argv = ["--problems", "Gaussian 4-D", "--schedules", "ddpm", "--peers", "DPM++2M lu"]
-    threads = torch.get_num_threads()
-    try:
-        assert bench.main([*argv, "--out", str(tmp_path)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert bench.main([*argv, "--out", str(tmp_path)]) == 0
     md = (tmp_path / "steps_vs_quality.md").read_text()
     assert "| Gaussian 4-D (60x), ddpm | KL | " in md
     assert "vs" in md and "DPM++2M lu)" in md
@@ -52,7 +56,7 @@ def test_a_tiny_subset_runs_end_to_end(tmp_path, capsys):
     assert (tmp_path / "steps_vs_quality.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_random_gaussians_are_drawn_from_their_seed_alone(tmp_path):
+def test_random_gaussians_are_drawn_from_their_seed_alone(tmp_path, threads):
     """`--random SEED COUNT` replaces the problems by `random_gaussian(seed)`: the same seed
     gives the same target, its covariance's eigenvalues lie within its stated spread (10-5000x)
     and below 3.3, and the run names its file after the seeds."""
@@ -64,17 +68,13 @@ def test_random_gaussians_are_drawn_from_their_seed_alone(tmp_path):
         assert mix.dim in bench.RANDOM_DIMS and 0 < float(ev.min()) and float(ev.max()) <= 3.3
         spread = float(name.split()[-1].rstrip("x"))  # rounded to an integer in the name
         assert float(ev.max() / ev.min()) <= spread + 0.5 and 10 <= spread <= 5012
-    threads = torch.get_num_threads()
-    try:
-        argv = ["--random", "604", "1", "--schedules", "ddpm", "--peers", "DPM++2M lu"]
-        assert bench.main([*argv, "--out", str(tmp_path)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    argv = ["--random", "604", "1", "--schedules", "ddpm", "--peers", "DPM++2M lu"]
+    assert bench.main([*argv, "--out", str(tmp_path)]) == 0
     md = (tmp_path / "steps_vs_quality_random_604_1.md").read_text()
     assert "exact-score random Gaussians" in md and "| random Gaussian 604: 3-D" in md
 
 
-def test_random_mixtures_are_drawn_from_their_seed_alone(tmp_path):
+def test_random_mixtures_are_drawn_from_their_seed_alone(tmp_path, threads):
     """`--random-mixtures SEED COUNT` replaces the problems by `random_mixture(seed)`: the same
     seed gives the same target; 2-12 components, weights summing to one, each component's
     eigenvalues within the stated spread and below 1.03, the components' largest eigenvalues
@@ -90,13 +90,9 @@ def test_random_mixtures_are_drawn_from_their_seed_alone(tmp_path):
         assert bool((ev > 0).all()) and float(ev.max()) <= 1.03
         assert float((ev[:, -1] / ev[:, 0]).max()) <= spread + 0.5 and spread <= 317
         assert float(ev[:, -1].max() / ev[:, -1].min()) <= scales + 0.5 and scales <= 1000.5
-    threads = torch.get_num_threads()
-    try:
-        argv = ["--random-mixtures", "718", "1", "--schedules", "ddpm", "--peers", "DPM++2M lu",
-                "--mix-samples", "200", "--fresh-samples", "0"]  # fmt: skip
-        assert bench.main([*argv, "--out", str(tmp_path)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    argv = ["--random-mixtures", "718", "1", "--schedules", "ddpm", "--peers", "DPM++2M lu",
+            "--mix-samples", "200", "--fresh-samples", "0"]  # fmt: skip
+    assert bench.main([*argv, "--out", str(tmp_path)]) == 0
     md = (tmp_path / "steps_vs_quality_random_mixtures_718_1_200_draws.md").read_text()
     assert "exact-score random mixtures" in md and "| random mixture 718: 2-D, 3 components" in md
 
@@ -299,26 +295,22 @@ def test_tuned_rows_fit_the_flow_the_default_is_judged_by():
     assert tuned <= default < 0.011
 
 
-def test_switch_rates_splits_a_mixture_cell_and_refuses_a_gaussian(capsys):
+def test_switch_rates_splits_a_mixture_cell_and_refuses_a_gaussian(capsys, threads):
     """benchmarks/switch_rates.py on two narrow modes: the flow's jump found, a row per sampler
     with its switches, the blocks counted; a Gaussian (no jumps), an ambiguous problem name and
     peers that name no peer are refused by name."""
     switch_rates = _load("switch_rates")
-    threads = torch.get_num_threads()
-    try:
-        argv = ["--problem", "narrow modes", "--schedule", "ddpm", "--nfe", "5",
-                "--peers", "DPM++2M lu", "--draws", "2000"]  # fmt: skip
-        assert switch_rates.main(argv) == 0
-        out = capsys.readouterr().out
-        assert "| ours: default | 5 |" in out and "| diffusers: DPM++2M lu | 5 |" in out
-        assert "the flow's smallest jump 5.5" in out and "of 2 blocks of 1000 draws" in out
-        refused = [("Gaussian 4-D", "DPM++2M lu", "is a Gaussian"),
-                   ("mixture", "DPM++2M lu", "names ["),
-                   ("narrow modes", "no such peer", "name none of")]  # fmt: skip
-        for problem, peer, said in refused:
-            bad = ["--problem", problem, *argv[2:6], "--peers", peer, "--draws", "2000"]
-            with pytest.raises(SystemExit):
-                switch_rates.main(bad)
-            assert said in capsys.readouterr().err
-    finally:
-        torch.set_num_threads(threads)
+    argv = ["--problem", "narrow modes", "--schedule", "ddpm", "--nfe", "5",
+            "--peers", "DPM++2M lu", "--draws", "2000"]  # fmt: skip
+    assert switch_rates.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| ours: default | 5 |" in out and "| diffusers: DPM++2M lu | 5 |" in out
+    assert "the flow's smallest jump 5.5" in out and "of 2 blocks of 1000 draws" in out
+    refused = [("Gaussian 4-D", "DPM++2M lu", "is a Gaussian"),
+               ("mixture", "DPM++2M lu", "names ["),
+               ("narrow modes", "no such peer", "name none of")]  # fmt: skip
+    for problem, peer, said in refused:
+        bad = ["--problem", problem, *argv[2:6], "--peers", peer, "--draws", "2000"]
+        with pytest.raises(SystemExit):
+            switch_rates.main(bad)
+        assert said in capsys.readouterr().err
