@@ -43,10 +43,11 @@ def gen():
     return torch.Generator().manual_seed(1234)
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True)
 def _one_torch_thread():
     """One intra-op thread: the tests use small tensors, where extra threads only add overhead and
-    oversubscribe a small CI machine."""
+    oversubscribe a small CI machine. Set for each test and restored after it, so a test that runs
+    a benchmark's main() (which sets torch's thread count) leaves the next one its single thread."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

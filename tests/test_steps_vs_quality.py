@@ -29,14 +29,6 @@ bench = _load("steps_vs_quality")
 peers = _load("steps_vs_quality_peers")
 
 
-@pytest.fixture
-def threads():
-    """The benchmarks' main() sets torch's thread count; the next test gets it back."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 def test_budget_is_the_most_steps_whose_counted_nfe_fits():
     def fit(nfe_of_steps, budgets):
         return [peers.steps_for_budget(nfe_of_steps, b) for b in budgets]
@@ -46,7 +38,7 @@ def test_budget_is_the_most_steps_whose_counted_nfe_fits():
     assert fit(lambda s: s + 1 + s // 10, (100,)) == [90]  # not linear: the walk still finds it
 
 
-def test_a_tiny_subset_runs_end_to_end(tmp_path, capsys, threads):
+def test_a_tiny_subset_runs_end_to_end(tmp_path, capsys):
     argv = ["--problems", "Gaussian 4-D", "--schedules", "ddpm", "--peers", "DPM++2M lu"]
     assert bench.main([*argv, "--out", str(tmp_path)]) == 0
     md = (tmp_path / "steps_vs_quality.md").read_text()
@@ -56,7 +48,7 @@ def test_a_tiny_subset_runs_end_to_end(tmp_path, capsys, threads):
     assert (tmp_path / "steps_vs_quality.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_random_gaussians_are_drawn_from_their_seed_alone(tmp_path, threads):
+def test_random_gaussians_are_drawn_from_their_seed_alone(tmp_path):
     """`--random SEED COUNT` replaces the problems by `random_gaussian(seed)`: the same seed
     gives the same target, its covariance's eigenvalues lie within its stated spread (10-5000x)
     and below 3.3, and the run names its file after the seeds."""
@@ -74,7 +66,7 @@ def test_random_gaussians_are_drawn_from_their_seed_alone(tmp_path, threads):
     assert "exact-score random Gaussians" in md and "| random Gaussian 604: 3-D" in md
 
 
-def test_random_mixtures_are_drawn_from_their_seed_alone(tmp_path, threads):
+def test_random_mixtures_are_drawn_from_their_seed_alone(tmp_path):
     """`--random-mixtures SEED COUNT` replaces the problems by `random_mixture(seed)`: the same
     seed gives the same target; 2-12 components, weights summing to one, each component's
     eigenvalues within the stated spread and below 1.03, the components' largest eigenvalues
@@ -295,7 +287,7 @@ def test_tuned_rows_fit_the_flow_the_default_is_judged_by():
     assert tuned <= default < 0.011
 
 
-def test_switch_rates_splits_a_mixture_cell_and_refuses_a_gaussian(capsys, threads):
+def test_switch_rates_splits_a_mixture_cell_and_refuses_a_gaussian(capsys):
     """benchmarks/switch_rates.py on two narrow modes: the flow's jump found, a row per sampler
     with its switches, the blocks counted; a Gaussian (no jumps), an ambiguous problem name and
     peers that name no peer are refused by name."""
