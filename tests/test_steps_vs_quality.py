@@ -306,3 +306,20 @@ def test_switch_rates_splits_a_mixture_cell_and_refuses_a_gaussian(capsys):
         with pytest.raises(SystemExit):
             switch_rates.main(bad)
         assert said in capsys.readouterr().err
+
+
+def test_pilot_yardsticks_replays_the_defaults_choice(capsys):
+    """benchmarks/pilot_yardsticks.py on one random mixture at NFE 5: its 'pilot' is the choice
+    `sample()` makes for the same score function and budget, and each yardstick that picks
+    another candidate is reported as a ratio of flow W2 on both sets of draws."""
+    yardsticks = _load("pilot_yardsticks")
+    argv = ["--nfe", "5", "--schedules", "ddpm", "--random", "705", "1", "--no-sets"]
+    assert yardsticks.main(argv) == 0
+    out = capsys.readouterr().out
+    name, mixture = bench.random_mixture(705)
+    problem = bench.make_problem(name, mixture, "ddpm")
+    x_T = problem.sde.prior_std() * problem.z[:1]
+    chosen = sample(problem.score_fn, problem.sde, x_T, steps=5, return_info=True).pilot
+    row = next(line for line in out.splitlines() if line.startswith(f"| {name}, ddpm |"))
+    assert row.split(" | ")[1] == chosen.candidate.label
+    assert "sliced: changes " in out and " of 1 choices" in out and "fresh (" in row
