@@ -43,12 +43,21 @@ def gen():
     return torch.Generator().manual_seed(1234)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread():
     """One intra-op thread: the tests use small tensors, where extra threads only add overhead and
-    oversubscribe a small CI machine. Set for each test and restored after it, so a test that runs
-    a benchmark's main() (which sets torch's thread count) leaves the next one its single thread."""
+    oversubscribe a small CI machine. Session-wide, so that module and session fixtures (the
+    digits classifier that a test retrains and compares bit for bit) run with it too."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread_after_each_test(_one_torch_thread):
+    """Back to one thread after each test: a test that runs a benchmark's main() (which sets
+    torch's thread count) leaves the next test, and the next module's fixtures, their single
+    thread."""
+    yield
+    torch.set_num_threads(1)
