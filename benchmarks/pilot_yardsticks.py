@@ -141,9 +141,9 @@ def main(argv: list[str] | None = None) -> int:
             if all(picked[y] == picked["pilot"] for y in YARDSTICKS):
                 rows.append(row + ["same"] * len(YARDSTICKS))
                 continue
-            fresh = problem.redrawn(FRESH_SAMPLES, FRESH_SEED)
-            scores = {c: (flow_w2(problem, args.nfe)(c), flow_w2(fresh, args.nfe)(c))
-                      for c in set(picked.values())}  # fmt: skip
+            judges = (flow_w2(problem, args.nfe),
+                      flow_w2(problem.redrawn(FRESH_SAMPLES, FRESH_SEED), args.nfe))  # fmt: skip
+            scores = {c: tuple(judge(c) for judge in judges) for c in set(picked.values())}
             base = scores[picked["pilot"]]
             for y in YARDSTICKS:
                 if picked[y] == picked["pilot"]:
