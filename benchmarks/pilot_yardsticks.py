@@ -100,12 +100,13 @@ def choices(problem: Problem, nfe: int) -> dict[str, P.Candidate]:
 
 
 def flow_w2(problem: Problem, nfe: int) -> Callable[[P.Candidate], float]:
-    """A candidate's flow W2 on the problem's draws, as the tables score it."""
-    x_T = problem.sde.prior_std() * problem.z
+    """A candidate's flow W2 on the problem's draws, as the tables score it (`Problem.error`)."""
 
     def score(c: P.Candidate) -> float:
-        x = P.run_candidate(problem.score_fn, problem.sde, x_T, c, c.grid_for(problem.sde, nfe))
-        return float(problem._judge(x))
+        ts = c.grid_for(problem.sde, nfe)
+        run = P.run_candidate
+        return problem.error(lambda x_T: (run(problem.score_fn, problem.sde, x_T, c, ts), nfe),
+                             stochastic=False)[0]  # fmt: skip
 
     return score
 

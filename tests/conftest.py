@@ -43,7 +43,7 @@ def gen():
     return torch.Generator().manual_seed(1234)
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """One intra-op thread: the tests use small tensors, where extra threads only add overhead and
     oversubscribe a small CI machine. Session-wide, so that module and session fixtures (the
