@@ -1,5 +1,5 @@
 """Which yardstick should the default's pilot rank its candidates by? A replay on mixture cells: the
-pilot's choice against the choices three other yardsticks make on the same draws, each measured as
+pilot's choice against the choices four other yardsticks make on the same draws, each measured as
 the tables measure it.
 
     python benchmarks/pilot_yardsticks.py --nfe 5   # 90 cells under DDPM, VP and cosine, 16 min
@@ -10,7 +10,8 @@ samples and the exact flow of the same 256 prior draws, plus a switch error its 
 (`pilot.Boundaries`). The tables judge a mixture by a distance between distributions, the sliced
 W2 between the samples and the flow's, which does not charge a sample for landing elsewhere in the
 flow's law than the flow sends its draw. The yardsticks replayed here rank by that judge on
-the pilot's own draws instead (`SlicedW2` between each candidate's 256 samples and the flow's):
+the pilot's own draws instead (`SlicedW2` between each candidate's 256 samples and the flow's),
+alone or in the pilot's rule:
 
 - sliced: the least sliced W2, alone;
 - sliced, capped switches: the least sliced W2 among the candidates whose switch error is at most
@@ -24,6 +25,12 @@ the pilot's own draws instead (`SlicedW2` between each candidate's 256 samples a
   trimmed distance (over D): it differs where the steps are few and a candidate's samples land
   elsewhere in the flow's law than their draws' flow, which the paired distance charges and no
   distance between distributions does.
+- sliced in the pilot's distance: the pilot's own rule (`pilot.decide`: the least error, ties
+  within TIE by moments) with its trimmed paired distance replaced by D times the trimmed sliced
+  W2 squared, plus the switch error as before. The two distances share units (the mean squared
+  distance per draw; a small error that keeps each sample by its draw's flow gives both the same
+  value), so the switch error, which 256 draws cannot see, weighs the same against either, and
+  where it dominates (many steps, modes far apart) the pilot's choice stands.
 
 Each cell's choices run on the table's x_T (1000 draws, seed X_T_SEED) and on FRESH_SAMPLES
 fresh ones (seed FRESH_SEED) and are scored by the table's own judge; the output is each
@@ -31,6 +38,12 @@ alternative's flow W2 over the pilot choice's, per cell and as geometric means o
 changes. Cells: the random mixtures (`--random SEED COUNT`, default the twenty of the tables) and
 the mixtures of the suite, held-out and third sets (`--no-sets` leaves those out). NFE 20 takes
 29 minutes; benchmarks/pilot_yardsticks.md holds the three budgets.
+
+`--ckpt` replays trained point networks instead, each scored as its peer table scores it
+(steps_vs_quality_trained.py): the flow W2 to the network's own flow of the table's 2000 draws of
+x_T, and of 2000 fresh ones.
+
+    python benchmarks/pilot_yardsticks.py --nfe 10 --ckpt outputs/swiss/checkpoints/*.safetensors
 """
 
 from __future__ import annotations
@@ -39,12 +52,14 @@ import argparse
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
-from sde_diffusion import GaussianMixture
+from sde_diffusion import GaussianMixture, load_score_fn
+from sde_diffusion.data import DataConfig, load_data
 from sde_diffusion.metrics import SlicedW2
 from sde_diffusion.solvers import pilot as P
 
@@ -60,12 +75,44 @@ from steps_vs_quality import (
     random_mixture,
     third,
 )
-from steps_vs_quality_peers import FRESH_SEED
+from steps_vs_quality_peers import FRESH_SEED, X_T_SEED
+from steps_vs_quality_trained import judge
 
-YARDSTICKS = ("sliced", "sliced, capped switches", "trimmed, capped switches")
+YARDSTICKS = (
+    "sliced",
+    "sliced, capped switches",
+    "trimmed, capped switches",
+    "sliced in the pilot's distance",
+)
 
 
-def choices(problem: Problem, nfe: int) -> dict[str, P.Candidate]:
+class Network:
+    """A trained point network as a cell: its flow W2 as its peer table scores it (`judge`'s
+    third metric) on `n` draws of x_T from `seed`, the table's own by default."""
+
+    def __init__(self, ckpt: Path, n: int = 2000, seed: int = X_T_SEED, loaded=None) -> None:
+        self.ckpt, self.loaded = ckpt, loaded or load_score_fn(ckpt)
+        self.score_fn, self.sde, meta = self.loaded
+        data = load_data(DataConfig(**meta["config"]["data"]))
+        self.z = torch.randn(n, *data.shape, generator=torch.Generator().manual_seed(seed))
+        self._metrics = judge(self.score_fn, self.sde, data.test, self.sde.prior_std() * self.z)
+
+    def error(self, run: Callable[[Tensor], tuple[Tensor, int]], stochastic: bool) -> tuple:
+        """(flow W2, counted NFE) of a sampler run(x_T) -> (samples, nfe), as `Problem.error`."""
+        x, nfe = run(self.sde.prior_std() * self.z)
+        return self._metrics(x)[2], nfe
+
+    def redrawn(self, n: int, seed: int) -> Network:
+        return Network(self.ckpt, n, seed, self.loaded)
+
+
+def fresh(problem: Problem | Network) -> Problem | Network:
+    """The cell on fresh draws of x_T (FRESH_SEED), as many as its tables remeasure on."""
+    return problem.redrawn(FRESH_SAMPLES if isinstance(problem, Problem) else len(problem.z),
+                           FRESH_SEED)  # fmt: skip
+
+
+def choices(problem: Problem | Network, nfe: int) -> dict[str, P.Candidate]:
     """The pilot's choice and each of YARDSTICKS' on the pilot's own draws and arcs."""
     x_T = P.pilot_draws(problem.sde, problem.z[:1])
     flow = P.exact_flow(problem.score_fn, problem.sde, x_T)
@@ -87,19 +134,21 @@ def choices(problem: Problem, nfe: int) -> dict[str, P.Candidate]:
         return float(SlicedW2(flow[keep], 256, g)(finite[c][keep]))
 
     floor = pilot.boundaries.floor if pilot.boundaries else 0.0
-    cap = P.TIE * pilot.switches.get(pilot.candidate, 0.0) + floor
-    capped = [c for c in finite if pilot.switches.get(c, 0.0) <= cap]
+    switches = {c: pilot.switches.get(c, 0.0) for c in finite}
+    capped = [c for c in finite if switches[c] <= P.TIE * switches[pilot.candidate] + floor]
     whole = {c: sliced(c, False) for c in finite}
-    trimmed = {c: sliced(c, True) for c in capped}
+    trimmed = {c: sliced(c, True) for c in finite}
+    errors = {c: flow[0].numel() * trimmed[c] ** 2 + switches[c] for c in finite}
     return {
         "pilot": pilot.candidate,
         YARDSTICKS[0]: min(whole, key=whole.__getitem__),
         YARDSTICKS[1]: min(capped, key=whole.__getitem__),
         YARDSTICKS[2]: min(capped, key=trimmed.__getitem__),
+        YARDSTICKS[3]: P.decide(errors, switches, pilot.moments.__getitem__, floor),
     }
 
 
-def flow_w2(problem: Problem, nfe: int) -> Callable[[P.Candidate], float]:
+def flow_w2(problem: Problem | Network, nfe: int) -> Callable[[P.Candidate], float]:
     """A candidate's flow W2 on the problem's draws, as the tables score it (`Problem.error`)."""
 
     def score(c: P.Candidate) -> float:
@@ -111,13 +160,21 @@ def flow_w2(problem: Problem, nfe: int) -> Callable[[P.Candidate], float]:
     return score
 
 
-def cells(args: argparse.Namespace) -> list[tuple[str, GaussianMixture]]:
+def cells(args: argparse.Namespace) -> Iterator[tuple[str, Problem | Network]]:
+    """(label, cell) of the networks `--ckpt` names, else of every mixture under each schedule,
+    each built when its turn comes."""
+    if args.ckpt:
+        yield from ((str(ckpt), Network(ckpt)) for ckpt in args.ckpt)
+        return
     seed, count = args.random
-    out = [random_mixture(s) for s in range(seed, seed + count)]
+    out: list[tuple[str, GaussianMixture]] = [random_mixture(s) for s in range(seed, seed + count)]
     if args.sets:
         named = problems(False) | holdout() | third()
         out += [(k, build()) for k, build in named.items()]
-    return [(name, mixture) for name, mixture in out if mixture.num_components > 1]
+    for name, mixture in out:
+        if mixture.num_components > 1:
+            for schedule in args.schedules:
+                yield f"{name}, {schedule}", make_problem(name, mixture, schedule)
 
 
 def geomean(values: Sequence[float]) -> float:
@@ -130,31 +187,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schedules", nargs="+", default=list(SUITE_SCHEDULES))
     parser.add_argument("--random", type=int, nargs=2, default=(701, 20), metavar=("SEED", "N"))
     parser.add_argument("--no-sets", dest="sets", action="store_false")
+    parser.add_argument("--ckpt", type=Path, nargs="+", help="trained point networks instead")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start, rows, ratios = time.perf_counter(), [], {y: [] for y in YARDSTICKS}
-    for name, mixture in cells(args):
-        for schedule in args.schedules:
-            problem = make_problem(name, mixture, schedule)
-            picked = choices(problem, args.nfe)
-            row = [f"{name}, {schedule}", picked["pilot"].label]
-            if all(picked[y] == picked["pilot"] for y in YARDSTICKS):
-                rows.append(row + ["same"] * len(YARDSTICKS))
+    for label, problem in cells(args):
+        picked = choices(problem, args.nfe)
+        row = [label, picked["pilot"].label]
+        if all(picked[y] == picked["pilot"] for y in YARDSTICKS):
+            rows.append(row + ["same"] * len(YARDSTICKS))
+            continue
+        judges = flow_w2(problem, args.nfe), flow_w2(fresh(problem), args.nfe)
+        scores = {c: tuple(score(c) for score in judges) for c in set(picked.values())}
+        base = scores[picked["pilot"]]
+        for y in YARDSTICKS:
+            if picked[y] == picked["pilot"]:
+                row.append("same")
                 continue
-            judges = (flow_w2(problem, args.nfe),
-                      flow_w2(problem.redrawn(FRESH_SAMPLES, FRESH_SEED), args.nfe))  # fmt: skip
-            scores = {c: tuple(judge(c) for judge in judges) for c in set(picked.values())}
-            base = scores[picked["pilot"]]
-            for y in YARDSTICKS:
-                if picked[y] == picked["pilot"]:
-                    row.append("same")
-                    continue
-                r = tuple(s / b for s, b in zip(scores[picked[y]], base, strict=True))
-                ratios[y].append(r)
-                row.append(f"{r[0]:.2f}, {r[1]:.2f} fresh ({picked[y].label})")
-            rows.append(row)
-            print(" | ".join(row), flush=True)
+            r = tuple(s / b for s, b in zip(scores[picked[y]], base, strict=True))
+            ratios[y].append(r)
+            row.append(f"{r[0]:.2f}, {r[1]:.2f} fresh ({picked[y].label})")
+        rows.append(row)
+        print(" | ".join(row), flush=True)
     header = ["cell", "pilot's choice", *(f"{y}: flow W2 / pilot's" for y in YARDSTICKS)]
     print(f"\nNFE {args.nfe}, {len(rows)} cells ({time.perf_counter() - start:.0f} s)\n")
     print(md_table(header, rows))

@@ -38,6 +38,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint():
+    """make(out_dir, data, n, *overrides): a checkpoint of a tiny MLP trained for 6 steps on
+    `data` (n samples) by the train app, with Hydra overrides."""
+    from sde_diffusion.apps import train
+
+    def make(out_dir, data, n, *overrides):
+        cfg = train.compose_config(
+            [
+                f"data={data}", f"data.n={n}", "model.width=16", "model.depth=1",
+                "model.embed_dim=8", "train.steps=6", "train.batch_size=32", "train.log_every=3",
+                "train.sample_every=-1", "train.device=cpu", "train.progress=false",
+                "train.tensorboard=false", *overrides,
+            ]
+        )  # fmt: skip
+        return train.run(cfg, out_dir).last_checkpoint
+
+    return make
+
+
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)

@@ -142,22 +142,10 @@ def test_the_default_tunes_and_its_grid_file_keeps_the_configuration(tmp_path):
         _run(tmp_path / "c", "solver=unipc", f"solver.grid={grid_file}", "t_end=0.01")
 
 
-def _tiny_checkpoint(out_dir, data, n, *overrides):
-    """A checkpoint of a tiny MLP trained for 6 steps on `data` (n samples)."""
-    cfg = train.compose_config(
-        [
-            f"data={data}", f"data.n={n}", "model.width=16", "model.depth=1", "model.embed_dim=8",
-            "train.steps=6", "train.batch_size=32", "train.log_every=3", "train.sample_every=-1",
-            "train.device=cpu", "train.progress=false", "train.tensorboard=false", *overrides,
-        ]
-    )  # fmt: skip
-    return train.run(cfg, out_dir).last_checkpoint
-
-
-def test_checkpoint_run(tmp_path):
+def test_checkpoint_run(tmp_path, tiny_checkpoint):
     """A checkpoint samples on its own SDE (subvp here, the config's sde=vp ignored) and the
     record names that SDE."""
-    ckpt = _tiny_checkpoint(tmp_path / "train", "two_moons", 500, "sde=subvp")
+    ckpt = tiny_checkpoint(tmp_path / "train", "two_moons", 500, "sde=subvp")
     record = _run(tmp_path / "s", "model=ckpt", f"ckpt={ckpt}", "solver=euler_maruyama", "steps=5")
     assert record["status"] == "ok" and record["nfe"] == 6 and record["sde"] == "subvp"
     assert set(record["metrics"]) == {"sliced_w2"}
@@ -188,14 +176,14 @@ def test_unknown_keys_name_the_valid_ones():
 
 
 @pytest.fixture(scope="module")
-def ring_ckpt_and_classifier(tmp_path_factory):
+def ring_ckpt_and_classifier(tmp_path_factory, tiny_checkpoint):
     """A tiny unconditional checkpoint on the 8-component ring and a noisy classifier of it."""
     from sde_diffusion.classifier import NoisyClassifier, save_classifier, train_classifier
     from sde_diffusion.data import DataConfig, load_data
     from sde_diffusion.trainer import load_model
 
     tmp = tmp_path_factory.mktemp("cg")
-    ckpt = _tiny_checkpoint(tmp / "train", "gmm", 2000)
+    ckpt = tiny_checkpoint(tmp / "train", "gmm", 2000)
     _, sde, _ = load_model(ckpt, "cpu")
     data = load_data(DataConfig(name="gmm", n=2000))
     g = torch.Generator().manual_seed(0)

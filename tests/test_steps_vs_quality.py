@@ -323,3 +323,19 @@ def test_pilot_yardsticks_replays_the_defaults_choice(capsys):
     row = next(line for line in out.splitlines() if line.startswith(f"| {name}, ddpm |"))
     assert row.split(" | ")[1] == chosen.candidate.label
     assert "sliced: changes " in out and " of 1 choices" in out and "fresh (" in row
+
+
+def test_pilot_yardsticks_replays_a_trained_networks_choice(tmp_path, tiny_checkpoint, capsys):
+    """--ckpt: a trained network is a cell of its own, named by its checkpoint, whose 'pilot' is
+    the choice `sample()` makes through that network; where a yardstick picks otherwise, it is
+    scored on both draws of x_T."""
+    yardsticks = _load("pilot_yardsticks")
+    ckpt = tiny_checkpoint(tmp_path / "train", "two_moons", 500)
+    assert yardsticks.main(["--nfe", "5", "--ckpt", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    network = yardsticks.Network(ckpt, n=4)
+    x_T = network.sde.prior_std() * network.z[:1]
+    chosen = sample(network.score_fn, network.sde, x_T, steps=5, return_info=True).pilot
+    row = next(line for line in out.splitlines() if line.startswith(f"| {ckpt} |"))
+    assert row.split(" | ")[1] == chosen.candidate.label
+    assert out.count(" of 1 choices") == len(yardsticks.YARDSTICKS)
