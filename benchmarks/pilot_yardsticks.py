@@ -1,8 +1,8 @@
 """Which yardstick should the default's pilot rank its candidates by? A replay on mixture cells: the
-pilot's choice against the choices four other yardsticks make on the same draws, each measured as
+pilot's choice against the choices five other yardsticks make on the same draws, each measured as
 the tables measure it.
 
-    python benchmarks/pilot_yardsticks.py --nfe 5   # 90 cells under DDPM, VP and cosine, 16 min
+    python benchmarks/pilot_yardsticks.py --nfe 5   # 90 cells under DDPM, VP and cosine, 10 min
     python benchmarks/pilot_yardsticks.py --nfe 10 --schedules ddpm --random 701 4
 
 The pilot (`pilot.choose`) ranks candidates by the paired mean squared distance between their
@@ -30,14 +30,17 @@ alone or in the pilot's rule:
   W2 squared, plus the switch error as before. The two distances share units (the mean squared
   distance per draw; a small error that keeps each sample by its draw's flow gives both the same
   value), so the switch error, which 256 draws cannot see, weighs the same against either, and
-  where it dominates (many steps, modes far apart) the pilot's choice stands.
+  where it dominates (many steps, modes far apart) the pilot's choice stands;
+- sliced breaks the pilot's ties: the pilot's rule as it is, its ties (errors and switch errors
+  within TIE of the closest's) decided by the least trimmed sliced W2 instead of `MomentError`:
+  both are distances between distributions, and the sliced W2 is the tables' own.
 
 Each cell's choices run on the table's x_T (1000 draws, seed X_T_SEED) and on FRESH_SAMPLES
 fresh ones (seed FRESH_SEED) and are scored by the table's own judge; the output is each
 alternative's flow W2 over the pilot choice's, per cell and as geometric means over the cells it
 changes. Cells: the random mixtures (`--random SEED COUNT`, default the twenty of the tables) and
 the mixtures of the suite, held-out and third sets (`--no-sets` leaves those out). NFE 20 takes
-29 minutes; benchmarks/pilot_yardsticks.md holds the three budgets.
+17 minutes; benchmarks/pilot_yardsticks.md holds the three budgets.
 
 `--ckpt` replays trained point networks instead, each scored as its peer table scores it
 (steps_vs_quality_trained.py): the flow W2 to the network's own flow of the table's 2000 draws of
@@ -83,6 +86,7 @@ YARDSTICKS = (
     "sliced, capped switches",
     "trimmed, capped switches",
     "sliced in the pilot's distance",
+    "sliced breaks the pilot's ties",
 )
 
 
@@ -139,12 +143,14 @@ def choices(problem: Problem | Network, nfe: int) -> dict[str, P.Candidate]:
     whole = {c: sliced(c, False) for c in finite}
     trimmed = {c: sliced(c, True) for c in finite}
     errors = {c: flow[0].numel() * trimmed[c] ** 2 + switches[c] for c in finite}
+    paired = {c: pilot.errors[c] for c in finite}
     return {
         "pilot": pilot.candidate,
         YARDSTICKS[0]: min(whole, key=whole.__getitem__),
         YARDSTICKS[1]: min(capped, key=whole.__getitem__),
         YARDSTICKS[2]: min(capped, key=trimmed.__getitem__),
         YARDSTICKS[3]: P.decide(errors, switches, pilot.moments.__getitem__, floor),
+        YARDSTICKS[4]: P.decide(paired, switches, trimmed.__getitem__, floor),
     }
 
 
