@@ -1,6 +1,6 @@
-"""Which yardstick should the default's pilot rank its candidates by? A replay on mixture cells: the
-pilot's choice against the choices five other yardsticks make on the same draws, each measured as
-the tables measure it.
+"""Which yardstick should the default's pilot rank its candidates by? A replay on mixture cells and
+trained networks: the pilot's choice against the choices five other yardsticks make on the same
+draws, each measured as the tables measure it.
 
     python benchmarks/pilot_yardsticks.py --nfe 5   # 90 cells under DDPM, VP and cosine, 10 min
     python benchmarks/pilot_yardsticks.py --nfe 10 --schedules ddpm --random 701 4
@@ -42,11 +42,12 @@ changes. Cells: the random mixtures (`--random SEED COUNT`, default the twenty o
 the mixtures of the suite, held-out and third sets (`--no-sets` leaves those out). NFE 20 takes
 17 minutes; benchmarks/pilot_yardsticks.md holds the three budgets.
 
-`--ckpt` replays trained point networks instead, each scored as its peer table scores it
-(steps_vs_quality_trained.py): the flow W2 to the network's own flow of the table's 2000 draws of
-x_T, and of 2000 fresh ones.
+`--ckpt` replays trained networks instead, each scored as its peer table scores it
+(steps_vs_quality_trained.py): the distance to the network's own flow (flow W2 for points, Frechet
+distance for images) of the table's --samples draws of x_T, and of as many fresh ones.
 
-    python benchmarks/pilot_yardsticks.py --nfe 10 --ckpt outputs/swiss/checkpoints/*.safetensors
+    python benchmarks/pilot_yardsticks.py --nfe 10 \\
+        --ckpt outputs/swiss/checkpoints/step_00003000.safetensors
 """
 
 from __future__ import annotations
@@ -91,8 +92,9 @@ YARDSTICKS = (
 
 
 class Network:
-    """A trained point network as a cell: its flow W2 as its peer table scores it (`judge`'s
-    third metric) on `n` draws of x_T from `seed`, the table's own by default."""
+    """A trained network as a cell, scored as its peer table scores it on `n` draws of x_T from
+    `seed` (the table's own by default): by `judge`'s distance to the network's own flow, the
+    flow W2 for points and the Frechet distance to the flow for images."""
 
     def __init__(self, ckpt: Path, n: int = 2000, seed: int = X_T_SEED, loaded=None) -> None:
         self.ckpt, self.loaded = ckpt, loaded or load_score_fn(ckpt)
@@ -102,9 +104,10 @@ class Network:
         self._metrics = judge(self.score_fn, self.sde, data.test, self.sde.prior_std() * self.z)
 
     def error(self, run: Callable[[Tensor], tuple[Tensor, int]], stochastic: bool) -> tuple:
-        """(flow W2, counted NFE) of a sampler run(x_T) -> (samples, nfe), as `Problem.error`."""
+        """(distance to the flow, counted NFE) of a sampler run(x_T) -> (samples, nfe), as
+        `Problem.error`."""
         x, nfe = run(self.sde.prior_std() * self.z)
-        return self._metrics(x)[2], nfe
+        return self._metrics(x)[1 if x.ndim == 4 else 2], nfe
 
     def redrawn(self, n: int, seed: int) -> Network:
         return Network(self.ckpt, n, seed, self.loaded)
@@ -112,8 +115,8 @@ class Network:
 
 def fresh(problem: Problem | Network) -> Problem | Network:
     """The cell on fresh draws of x_T (FRESH_SEED), as many as its tables remeasure on."""
-    return problem.redrawn(FRESH_SAMPLES if isinstance(problem, Problem) else len(problem.z),
-                           FRESH_SEED)  # fmt: skip
+    n = FRESH_SAMPLES if isinstance(problem, Problem) else len(problem.z)
+    return problem.redrawn(n, FRESH_SEED)
 
 
 def choices(problem: Problem | Network, nfe: int) -> dict[str, P.Candidate]:
@@ -155,7 +158,8 @@ def choices(problem: Problem | Network, nfe: int) -> dict[str, P.Candidate]:
 
 
 def flow_w2(problem: Problem | Network, nfe: int) -> Callable[[P.Candidate], float]:
-    """A candidate's flow W2 on the problem's draws, as the tables score it (`Problem.error`)."""
+    """A candidate's flow W2 (a network's distance to its flow) on the problem's draws, as the
+    tables score it (`Problem.error`)."""
 
     def score(c: P.Candidate) -> float:
         ts = c.grid_for(problem.sde, nfe)
@@ -170,7 +174,7 @@ def cells(args: argparse.Namespace) -> Iterator[tuple[str, Problem | Network]]:
     """(label, cell) of the networks `--ckpt` names, else of every mixture under each schedule,
     each built when its turn comes."""
     if args.ckpt:
-        yield from ((str(ckpt), Network(ckpt)) for ckpt in args.ckpt)
+        yield from ((str(ckpt), Network(ckpt, args.samples)) for ckpt in args.ckpt)
         return
     seed, count = args.random
     out: list[tuple[str, GaussianMixture]] = [random_mixture(s) for s in range(seed, seed + count)]
@@ -193,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schedules", nargs="+", default=list(SUITE_SCHEDULES))
     parser.add_argument("--random", type=int, nargs=2, default=(701, 20), metavar=("SEED", "N"))
     parser.add_argument("--no-sets", dest="sets", action="store_false")
-    parser.add_argument("--ckpt", type=Path, nargs="+", help="trained point networks instead")
+    parser.add_argument("--ckpt", type=Path, nargs="+", help="trained networks instead")
+    parser.add_argument("--samples", type=int, default=2000, help="draws of x_T per network")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
