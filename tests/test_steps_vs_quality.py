@@ -289,7 +289,7 @@ def test_tuned_rows_fit_the_flow_the_default_is_judged_by():
 
 def test_switch_rates_splits_a_mixture_cell_and_refuses_a_gaussian(capsys):
     """benchmarks/switch_rates.py on two narrow modes: the flow's jump found, a row per sampler
-    with its switches, the blocks counted; a Gaussian (no jumps), an ambiguous problem name and
+    with its switches and their net (fewer, nonzero where ten modes lie close), the blocks counted; a Gaussian (no jumps), an ambiguous problem name and
     peers that name no peer are refused by name."""
     switch_rates = _load("switch_rates")
     argv = ["--problem", "narrow modes", "--schedule", "ddpm", "--nfe", "5",
@@ -298,6 +298,15 @@ def test_switch_rates_splits_a_mixture_cell_and_refuses_a_gaussian(capsys):
     out = capsys.readouterr().out
     assert "| ours: default | 5 |" in out and "| diffusers: DPM++2M lu | 5 |" in out
     assert "the flow's smallest jump 5.5" in out and "of 2 blocks of 1000 draws" in out
+    assert "| switches in 2000 | net |" in out and "| on all 2000 |" in out
+    # ten modes within 0.12 of each other in 2-D at NFE 5: many switches, netted by mode
+    argv = ["--random-mixture", "709", "--schedule", "scaled_linear", "--nfe", "5",
+            "--peers", "DEIS3 karras", "--draws", "2000"]  # fmt: skip
+    assert switch_rates.main(argv) == 0
+    rows = [r.split(" | ") for r in capsys.readouterr().out.splitlines() if r.startswith("| ")]
+    assert [r[0] for r in rows[1:]] == ["| ours: default", "| diffusers: DEIS3 karras"]
+    for row in rows[1:]:
+        assert 0 < int(row[5]) < int(row[4])
     refused = [("Gaussian 4-D", "DPM++2M lu", "is a Gaussian"),
                ("mixture", "DPM++2M lu", "names ["),
                ("narrow modes", "no such peer", "name none of")]  # fmt: skip
