@@ -6,6 +6,8 @@ and how often each wins on blocks of as many draws as the table's.
         --peers "DEIS3 karras" "DPM++3M lu" --draws 20000
     python benchmarks/switch_rates.py --problem "16-D mixture" --schedule ddpm --nfe 20 \\
         --peers "DPM++3M lu"
+    python benchmarks/switch_rates.py --random-mixture 702 --schedule scaled_linear --nfe 20 \\
+        --peers "UniPC3 karras" --candidates "unipc order 2 (noise, edm grid, end zero)"
 
 steps_vs_quality.py scores a mixture by the sliced W2 between 1000 samples and the exact flow of
 the same x_T (and its best peer again on 4000 fresh draws). A sampler that sends one draw in
@@ -21,7 +23,8 @@ table's size holds none of its switches. The sliced W2 on all the draws is the t
 at `--draws`: a distance between distributions, it charges a switch only where no switch the
 other way between the same two modes offsets it, so the net switches decide it (the switches
 tallied from the flow's mode to the sample's, each the most probable component at t_min, and
-netted over each pair of modes).
+netted over each pair of modes). `--candidates` adds members of the pilot's family
+(`pilot.CANDIDATES`, by label) beside the default's choice, to see whether another would have won.
 """
 
 from __future__ import annotations
@@ -36,12 +39,15 @@ import torch
 
 from sde_diffusion.metrics import SlicedW2
 from sde_diffusion.solvers import sample
+from sde_diffusion.solvers._registry import CheckedScore
+from sde_diffusion.solvers.pilot import CANDIDATES, Candidate, run_candidate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from steps_vs_quality import (
     MIX_SAMPLES,
     PROJECTIONS,
     SCHEDULES,
+    Method,
     Problem,
     budget_steps,
     from_peer,
@@ -55,6 +61,17 @@ from steps_vs_quality import (
 from steps_vs_quality_peers import FRESH_SEED, diffusers_peers, k_diffusion_peers
 
 
+def member(c: Candidate) -> Method:
+    """A member of the pilot's family, run on its own grid for the budget (its NFE counted)."""
+
+    def run(problem: Problem, steps: int, x_T: torch.Tensor, seed: int) -> tuple[torch.Tensor, int]:
+        score = CheckedScore(problem.score_fn)
+        x = run_candidate(score, problem.sde, x_T, c, c.grid_for(problem.sde, steps))
+        return x, score.nfe
+
+    return Method("ours: " + c.label, run, fixed=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     target = parser.add_mutually_exclusive_group(required=True)
@@ -63,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schedule", required=True, choices=list(SCHEDULES))
     parser.add_argument("--nfe", type=int, required=True)
     parser.add_argument("--peers", nargs="+", required=True, help="peer labels containing these")
+    parser.add_argument("--candidates", nargs="+", default=[], help="labels of pilot.CANDIDATES")
     parser.add_argument("--draws", type=int, default=20 * MIX_SAMPLES)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
@@ -94,7 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     named = [p for p in peers if any(k in p.label for k in args.peers)]
     if not named:
         parser.error(f"--peers {args.peers} name none of {[p.label for p in peers]}")
-    methods = [ours("default", fixed=True), *named]
+    labels = {c.label: c for c in CANDIDATES}
+    unknown = [c for c in args.candidates if c not in labels]
+    if unknown:
+        parser.error(f"--candidates {unknown} are none of pilot.CANDIDATES: {list(labels)}")
+    family = [member(labels[c]) for c in args.candidates]
+    methods = [ours("default", fixed=True), *family, *named]
 
     blocks = args.draws // MIX_SAMPLES
     whole = SlicedW2(problem.flow, PROJECTIONS, torch.Generator().manual_seed(7))
@@ -129,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{math.exp(-rate * MIX_SAMPLES):.2f}", f"{float(errors.median()):.3g}",
                      f"{float(errors.min()):.3g}-{float(errors.max()):.3g}",
                      f"{float(whole(x)):.3g}"])  # fmt: skip
-    best_peer = torch.stack(block_errors[1:]).min(0).values
+    best_peer = torch.stack(block_errors[1 + len(family) :]).min(0).values
     wins = int((block_errors[0] <= best_peer).sum())
     header = ["sampler", "NFE", "mean squared distance", "without switches",
               f"switches in {args.draws}", "net", f"P(none in {MIX_SAMPLES})",

@@ -289,14 +289,17 @@ def test_tuned_rows_fit_the_flow_the_default_is_judged_by():
 
 def test_switch_rates_splits_a_mixture_cell_and_refuses_a_gaussian(capsys):
     """benchmarks/switch_rates.py on two narrow modes: the flow's jump found, a row per sampler
-    with its switches and their net (fewer, nonzero where ten modes lie close), the blocks counted; a Gaussian (no jumps), an ambiguous problem name and
-    peers that name no peer are refused by name."""
+    with its switches and their net (fewer, nonzero where ten modes lie close), a member of the
+    pilot's family by label, the blocks counted; a Gaussian (no jumps), an ambiguous problem
+    name, peers that name no peer and a member the family lacks are refused by name."""
     switch_rates = _load("switch_rates")
+    member = "unipc order 2 (noise, edm grid, end zero)"
     argv = ["--problem", "narrow modes", "--schedule", "ddpm", "--nfe", "5",
-            "--peers", "DPM++2M lu", "--draws", "2000"]  # fmt: skip
+            "--peers", "DPM++2M lu", "--draws", "2000", "--candidates", member]  # fmt: skip
     assert switch_rates.main(argv) == 0
     out = capsys.readouterr().out
     assert "| ours: default | 5 |" in out and "| diffusers: DPM++2M lu | 5 |" in out
+    assert f"| ours: {member} | 5 |" in out  # its evaluations counted
     assert "the flow's smallest jump 5.5" in out and "of 2 blocks of 1000 draws" in out
     assert "| switches in 2000 | net |" in out and "| on all 2000 |" in out
     # ten modes within 0.12 of each other in 2-D at NFE 5: many switches, netted by mode
@@ -309,9 +312,11 @@ def test_switch_rates_splits_a_mixture_cell_and_refuses_a_gaussian(capsys):
         assert 0 < int(row[5]) < int(row[4])
     refused = [("Gaussian 4-D", "DPM++2M lu", "is a Gaussian"),
                ("mixture", "DPM++2M lu", "names ["),
-               ("narrow modes", "no such peer", "name none of")]  # fmt: skip
+               ("narrow modes", "no such peer", "name none of"),
+               ("narrow modes", "DPM++2M lu", "none of pilot.CANDIDATES")]  # fmt: skip
     for problem, peer, said in refused:
         bad = ["--problem", problem, *argv[2:6], "--peers", peer, "--draws", "2000"]
+        bad += ["--candidates", "no such member"] if "CANDIDATES" in said else []
         with pytest.raises(SystemExit):
             switch_rates.main(bad)
         assert said in capsys.readouterr().err
