@@ -26,7 +26,8 @@ timesteps' continuous times, k-diffusion through a denoiser D(x, sigma) of the s
 `--schedules` also takes Stable Diffusion's scaled-linear betas and two SDEs without betas, VE and
 sub-VP, where diffusers' EDM schedulers stand in for its DDPM ones and the sigma-grid peers also
 end at sigma 0.002 and 0.01 (steps_vs_quality_peers.SIGMA_MINS); their results go to files of
-their own.
+their own, and so do those of part of the suite's schedules (`--quick` too), each file named
+after them.
 
 Errors:
 - Gaussians: the exact KL from the sampler's output law to the target. A deterministic sampler
@@ -707,9 +708,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     stem += f"_random_{args.random[0]}_{args.random[1]}" if args.random else ""
     if args.random_mixtures:
         stem += "_random_mixtures_{}_{}".format(*args.random_mixtures)
-    extra = [s for s in schedules if s not in SUITE_SCHEDULES]
-    if extra:  # schedules outside the suite's get files of their own
-        stem += "_" + "_".join(extra)
+    # schedules outside the suite's get files of their own, and part of the suite's is named in
+    # full, so that no run of some schedules overwrites the file of others (or the suite's)
+    missing = [s for s in SUITE_SCHEDULES if s not in schedules]
+    named = schedules if missing else [s for s in schedules if s not in SUITE_SCHEDULES]
+    if named:
+        stem += "_" + "_".join(named)
     if args.mix_samples != MIX_SAMPLES:
         stem += f"_{args.mix_samples}_draws"
     (args.out / f"{stem}.md").write_text("\n\n".join(md) + "\n")
