@@ -85,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    labels = {c.label: c for c in CANDIDATES}
+    unknown = [c for c in args.candidates if c not in labels]
+    if unknown:
+        parser.error(f"--candidates {unknown} are none of pilot.CANDIDATES: {list(labels)}")
     if args.random_mixture is not None:
         name, mixture = random_mixture(args.random_mixture)
     else:
@@ -112,10 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     named = [p for p in peers if any(k in p.label for k in args.peers)]
     if not named:
         parser.error(f"--peers {args.peers} name none of {[p.label for p in peers]}")
-    labels = {c.label: c for c in CANDIDATES}
-    unknown = [c for c in args.candidates if c not in labels]
-    if unknown:
-        parser.error(f"--candidates {unknown} are none of pilot.CANDIDATES: {list(labels)}")
     family = [member(labels[c]) for c in args.candidates]
     methods = [ours("default", fixed=True), *family, *named]
 

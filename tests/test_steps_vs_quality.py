@@ -303,9 +303,9 @@ def test_switch_rates_splits_a_mixture_cell_and_refuses_a_gaussian(capsys):
     assert "the flow's smallest jump 5.5" in out and "of 2 blocks of 1000 draws" in out
     assert "| switches in 2000 | net |" in out and "| on all 2000 |" in out
     # ten modes within 0.12 of each other in 2-D at NFE 5: many switches, netted by mode
-    argv = ["--random-mixture", "709", "--schedule", "scaled_linear", "--nfe", "5",
-            "--peers", "DEIS3 karras", "--draws", "2000"]  # fmt: skip
-    assert switch_rates.main(argv) == 0
+    close = ["--random-mixture", "709", "--schedule", "scaled_linear", "--nfe", "5",
+             "--peers", "DEIS3 karras", "--draws", "2000"]  # fmt: skip
+    assert switch_rates.main(close) == 0
     rows = [r.split(" | ") for r in capsys.readouterr().out.splitlines() if r.startswith("| ")]
     assert [r[0] for r in rows[1:]] == ["| ours: default", "| diffusers: DEIS3 karras"]
     for row in rows[1:]:
