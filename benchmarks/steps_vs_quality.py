@@ -64,6 +64,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import re
 import shlex
 import sys
 import time
@@ -355,6 +356,12 @@ class Problem:
         fresh.score_fn = self.score_fn
         fresh.solve_flow()
         return fresh
+
+
+def _slug(text: str) -> str:
+    """A file-name part for a problem or peer label: lower case, each run of other characters
+    than letters and digits one underscore ("32-D mixture of 4": "32_d_mixture_of_4")."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
 def flow_to_data(mixture: GaussianMixture, sde: SDE, x: Tensor) -> Tensor:
@@ -708,12 +715,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     stem += f"_random_{args.random[0]}_{args.random[1]}" if args.random else ""
     if args.random_mixtures:
         stem += "_random_mixtures_{}_{}".format(*args.random_mixtures)
-    # schedules outside the suite's get files of their own, and part of the suite's is named in
-    # full, so that no run of some schedules overwrites the file of others (or the suite's)
+    # a run of some problems, some peers or some of the suite's schedules names them, and
+    # schedules outside the suite's get files of their own, so that no run overwrites the file
+    # of another (or the suite's)
+    stem += "".join("_" + _slug(name) for name in args.problems or [])
     missing = [s for s in SUITE_SCHEDULES if s not in schedules]
     named = schedules if missing else [s for s in schedules if s not in SUITE_SCHEDULES]
     if named:
         stem += "_" + "_".join(named)
+    if args.peers is not None:
+        stem += "_peers_" + "_".join(_slug(label) for label in args.peers)
     if args.mix_samples != MIX_SAMPLES:
         stem += f"_{args.mix_samples}_draws"
     (args.out / f"{stem}.md").write_text("\n\n".join(md) + "\n")

@@ -41,11 +41,12 @@ def test_budget_is_the_most_steps_whose_counted_nfe_fits():
 def test_a_tiny_subset_runs_end_to_end(tmp_path, capsys):
     argv = ["--problems", "Gaussian 4-D", "--schedules", "ddpm", "--peers", "DPM++2M lu"]
     assert bench.main([*argv, "--out", str(tmp_path)]) == 0
-    md = (tmp_path / "steps_vs_quality_ddpm.md").read_text()
+    stem = tmp_path / "steps_vs_quality_gaussian_4_d_ddpm_peers_dpm_2m_lu"  # names the subset
+    md = stem.with_suffix(".md").read_text()
     assert "| Gaussian 4-D (60x), ddpm | KL | " in md
     assert "vs" in md and "DPM++2M lu)" in md
     assert "| ours: default | " in md and "(10) |" in md
-    assert (tmp_path / "steps_vs_quality_ddpm.png").read_bytes()[:4] == b"\x89PNG"
+    assert stem.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_random_gaussians_are_drawn_from_their_seed_alone(tmp_path):
@@ -62,7 +63,7 @@ def test_random_gaussians_are_drawn_from_their_seed_alone(tmp_path):
         assert float(ev.max() / ev.min()) <= spread + 0.5 and 10 <= spread <= 5012
     argv = ["--random", "604", "1", "--schedules", "ddpm", "--peers", "DPM++2M lu"]
     assert bench.main([*argv, "--out", str(tmp_path)]) == 0
-    md = (tmp_path / "steps_vs_quality_random_604_1_ddpm.md").read_text()
+    md = (tmp_path / "steps_vs_quality_random_604_1_ddpm_peers_dpm_2m_lu.md").read_text()
     assert "exact-score random Gaussians" in md and "| random Gaussian 604: 3-D" in md
 
 
@@ -85,7 +86,8 @@ def test_random_mixtures_are_drawn_from_their_seed_alone(tmp_path):
     argv = ["--random-mixtures", "718", "1", "--schedules", "ddpm", "--peers", "DPM++2M lu",
             "--mix-samples", "200", "--fresh-samples", "0"]  # fmt: skip
     assert bench.main([*argv, "--out", str(tmp_path)]) == 0
-    md = (tmp_path / "steps_vs_quality_random_mixtures_718_1_ddpm_200_draws.md").read_text()
+    stem = "steps_vs_quality_random_mixtures_718_1_ddpm_peers_dpm_2m_lu_200_draws"
+    md = (tmp_path / f"{stem}.md").read_text()
     assert "exact-score random mixtures" in md and "| random mixture 718: 2-D, 3 components" in md
 
 
