@@ -10,21 +10,22 @@ and how often each wins on blocks of as many draws as the table's.
         --peers "UniPC3 karras" --candidates "unipc order 2 (noise, edm grid, end zero)"
 
 steps_vs_quality.py scores a mixture by the sliced W2 between 1000 samples and the exact flow of
-the same x_T (and its best peer again on 4000 fresh draws). A sampler that sends one draw in
-5000 across a boundary of the flow to another mode shows no such switch on most sets of 1000
-draws and one, costing several times its other error, on some: the cell is then decided by
-which sampler's switches happened to be drawn. This measures both parts on `--draws` draws (seed
-FRESH_SEED + 1, apart from the tables' x_T and fresh draws): a draw switches where it lands
-farther than half the flow's smallest jump from the flow's own sample (the jump from the
-default's pilot, `Boundaries.smallest_jump`; none where its arcs find no jump); the mean squared
-distance of the other draws is the smooth part. The sliced W2 on each block of MIX_SAMPLES draws, as the table measures it,
-gives how often each sampler wins, and exp(-rate * MIX_SAMPLES) the chance that a block of the
-table's size holds none of its switches. The sliced W2 on all the draws is the table's yardstick
-at `--draws`: a distance between distributions, it charges a switch only where no switch the
-other way between the same two modes offsets it, so the net switches decide it (the switches
-tallied from the flow's mode to the sample's, each the most probable component at t_min, and
-netted over each pair of modes). `--candidates` adds members of the pilot's family
-(`pilot.CANDIDATES`, by label) beside the default's choice, to see whether another would have won.
+the same x_T (and its best peer again on 4000 fresh draws). A sampler that sends one draw in 5000
+across a boundary of the flow to another mode shows no such switch on most sets of 1000 draws and
+one, costing several times its other error, on some: the cell is then decided by which sampler's
+switches happened to be drawn. This measures both parts on `--draws` draws (seed FRESH_SEED + 1,
+apart from the tables' x_T and fresh draws): a draw switches where it lands farther than half the
+flow's smallest jump from the flow's own sample (the jump from the default's pilot,
+`Boundaries.smallest_jump`; none where its arcs find no jump); the mean squared distance of the
+other draws is the smooth part. The sliced W2 on each block of MIX_SAMPLES draws, as the table
+measures it, gives how often each sampler wins, and exp(-rate * MIX_SAMPLES) the chance that a
+block of the table's size holds none of its switches. The sliced W2 on all the draws is the table's
+yardstick at `--draws`: a distance between distributions, it charges a switch only where no switch
+the other way between the same two modes offsets it, so where the modes lie well apart the net
+switches decide it (the switches tallied from the flow's mode to the sample's, each the most
+probable component of p_0, and netted over each pair of modes; where components overlap, that mode
+is a guess). `--candidates` adds members of the pilot's family (`pilot.CANDIDATES`, by label)
+beside the default's choice, to see whether another would have won.
 """
 
 from __future__ import annotations
@@ -122,10 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     blocks = args.draws // MIX_SAMPLES
     whole = SlicedW2(problem.flow, PROJECTIONS, torch.Generator().manual_seed(7))
 
-    def mode_of(x: torch.Tensor) -> torch.Tensor:
-        return mixture.responsibilities(x, float(problem.sde.t_min), problem.sde).argmax(1)
-
-    flow_modes = mode_of(problem.flow)
+    flow_modes = mixture.component_of(problem.flow)
     judges = [
         SlicedW2(flow, PROJECTIONS, torch.Generator().manual_seed(7))
         for flow in problem.flow[: blocks * MIX_SAMPLES].split(MIX_SAMPLES)
@@ -141,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         switched = d2 > (jump / 2) ** 2
         rate = float(switched.double().mean())
         moved = torch.zeros(mixture.num_components, mixture.num_components, dtype=torch.long)
-        to = (flow_modes[switched], mode_of(x)[switched])
+        to = (flow_modes[switched], mixture.component_of(x)[switched])
         moved.index_put_(to, torch.ones_like(to[0]), accumulate=True)
         net = int((moved - moved.T).clamp(min=0).sum())
         x_blocks = x[: blocks * MIX_SAMPLES].split(MIX_SAMPLES)

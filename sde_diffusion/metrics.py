@@ -21,7 +21,6 @@ import torch
 from torch import Tensor, nn
 
 from .oracle import GaussianMixture
-from .sde import VPSDE
 
 __all__ = [
     "DigitsClassifier",
@@ -46,8 +45,6 @@ __all__ = [
     "train_digits_classifier",
 ]
 
-# any SDE gives the identity kernel at t = 0, so the oracle's log p_t at t = 0 is log p_0
-_T0_SDE = VPSDE()
 _BLOCK = 2048  # rows per block in pairwise computations, to bound memory
 
 
@@ -298,7 +295,7 @@ def gaussian_kl_from_samples(x: Tensor, mean: Tensor, cov: Tensor) -> Tensor:
 
 def exact_log_prob(x: Tensor, mixture: GaussianMixture) -> Tensor:
     """Exact log p_0(x) under the oracle's mixture, one value per sample, in nats."""
-    return mixture.log_prob(x, 0.0, _T0_SDE)
+    return mixture.data_log_prob(x)
 
 
 def mean_log_prob(x: Tensor, mixture: GaussianMixture) -> Tensor:
@@ -355,7 +352,7 @@ def mode_coverage(
     if radius is not None and not radius > 0:
         raise ValueError(f"radius must be > 0, got {radius}")
     x = _flat(x, "x").to(mixture.means.device, mixture.means.dtype)
-    label = mixture.responsibilities(x, 0.0, _T0_SDE).argmax(1)
+    label = mixture.component_of(x)
     diff = x - mixture.means[label]
     if radius is None:
         chol = torch.linalg.cholesky(mixture.covs)

@@ -22,12 +22,15 @@ import torch
 from torch import Tensor
 
 from ._tensor import append_dims, check_int, check_positive
-from .sde import SDE, ScoreFn
+from .sde import SDE, VPSDE, ScoreFn
 
 __all__ = ["WEIGHT_TOLERANCE", "GaussianMixture"]
 
 #: how far from 1 the weights of a mixture may sum (float32 weights of a few hundred components)
 WEIGHT_TOLERANCE = 1e-5
+
+# any SDE gives the identity kernel at t = 0, so the oracle at t = 0 under it is p_0 itself
+_T0_SDE = VPSDE()
 
 
 class GaussianMixture:
@@ -214,6 +217,15 @@ class GaussianMixture:
     def log_responsibilities(self, x: Tensor, t: Tensor | float, sde: SDE) -> Tensor:
         """Exact log p_t(k | x), shape (batch, K), finite where p_t(k | x) underflows to 0."""
         return torch.log_softmax(self._moments(x, t, sde)[2], dim=1)
+
+    def data_log_prob(self, x: Tensor) -> Tensor:
+        """Exact log p_0(x), one value per sample."""
+        return self.log_prob(x, 0.0, _T0_SDE)
+
+    def component_of(self, x: Tensor) -> Tensor:
+        """Each sample's most probable component under p_0, argmax_k p_0(k | x), shape (batch,):
+        the mode a final sample belongs to."""
+        return self._moments(x, 0.0, _T0_SDE)[2].argmax(1)
 
     def score(
         self, x: Tensor, t: Tensor | float, sde: SDE, component: Tensor | int | None = None

@@ -90,6 +90,21 @@ def test_responsibilities_are_bayes_rule():
     np.testing.assert_allclose(r.numpy(), joint / joint.sum(1, keepdims=True), rtol=1e-9)
 
 
+def test_data_law_methods_are_p0_by_scipy():
+    """data_log_prob is log p_0 and component_of the argmax of w_k N(x; mu_k, Sigma_k), for
+    samples near the boundaries between components as well as inside them."""
+    gm = _mixture(11, k=4, dim=3)
+    x = torch.randn(64, 3, dtype=F64) * 3
+    comps = [
+        w * multivariate_normal(m, c).pdf(x.numpy())
+        for w, m, c in zip(gm.weights.numpy(), gm.means.numpy(), gm.covs.numpy(), strict=True)
+    ]
+    joint = np.stack(comps, 1)
+    np.testing.assert_allclose(gm.data_log_prob(x).numpy(), np.log(joint.sum(1)), rtol=1e-9)
+    np.testing.assert_array_equal(gm.component_of(x).numpy(), joint.argmax(1))
+    assert len(set(joint.argmax(1))) > 1
+
+
 def test_component_score_is_the_score_of_that_component():
     sde = VPSDE()
     gm = _mixture(2, k=3, dim=2)
