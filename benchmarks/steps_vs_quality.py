@@ -27,7 +27,7 @@ timesteps' continuous times, k-diffusion through a denoiser D(x, sigma) of the s
 sub-VP, where diffusers' EDM schedulers stand in for its DDPM ones and the sigma-grid peers also
 end at sigma 0.002 and 0.01 (steps_vs_quality_peers.SIGMA_MINS); their results go to files of
 their own, and so do those of part of the suite's schedules (`--quick` too), each file named
-after them.
+after them; a run of some `--problems` or `--peers` names those in its file as well.
 
 Errors:
 - Gaussians: the exact KL from the sampler's output law to the target. A deterministic sampler
