@@ -495,7 +495,7 @@ def test_the_rule_sends_ties_to_the_moments_unless_they_switch_more():
     """`decide`, the rule of the pilot and of tune_grid's stop: the smallest error wins unless
     another lies within TIE of it with better moments and a switch error at most the tie margin
     (a quarter of the smallest error) above the closest's; the moments are asked of ties only,
-    and not at all when the closest has none."""
+    and not at all when the closest has none. `tie` widens or narrows TIE."""
     asked: list[str] = []
 
     def moments(key: str) -> float:
@@ -509,6 +509,8 @@ def test_the_rule_sends_ties_to_the_moments_unless_they_switch_more():
     assert decide(errors, switches, moments) == "b"
     asked.clear()
     assert decide({"a": 1.0, "b": 1.26}, {"a": 0.0, "b": 0.0}, moments) == "a" and not asked
+    wider = {"a": 1.0, "b": 1.26, "d": 2.0}  # a tie of 1.4 admits b and leaves out d
+    assert decide(wider, dict.fromkeys(wider, 0.0), moments, tie=1.4) == "b"
 
 
 def test_a_switch_on_one_pilot_draw_is_left_to_the_arcs():

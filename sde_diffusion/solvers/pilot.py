@@ -712,16 +712,17 @@ def decide(
     switches: dict[K, float],
     moments: Callable[[K], float],
     floor: float = 0.0,
+    tie: float = TIE,
 ) -> K:
-    """The key of the smallest error (distance plus switch error) or, among those within TIE of
-    it, the one of the smallest `moments` (asked of those only). The moments cannot see
+    """The key of the smallest error (distance plus switch error) or, among those within `tie`
+    (TIE) of it, the one of the smallest `moments` (asked of those only). The moments cannot see
     switches: a tie's switch error may not exceed the closest's by the tie margin. The margin
     leaves out the switch errors' `floor` (`Boundaries.floor`): on well separated modes every
     candidate may meet the flow's jumps that closely, and that floor, exact for none, can
     exceed the distances themselves and make every candidate a tie. (Misses that net out cost
     less than it: where the closest's error lies below the floor, nothing ties with it.)"""
     closest = min(errors, key=errors.__getitem__)
-    margin = (TIE - 1) * max(errors[closest] - floor, 0.0)
+    margin = (tie - 1) * max(errors[closest] - floor, 0.0)
     ties = [
         k
         for k in errors
