@@ -90,6 +90,8 @@ from steps_vs_quality import (
 from steps_vs_quality_peers import FRESH_SEED, X_T_SEED
 from steps_vs_quality_trained import judge
 
+#: the wider tie of the last yardstick
+WIDE_TIE = 1.4
 YARDSTICKS = (
     "sliced",
     "sliced, capped switches",
@@ -97,10 +99,8 @@ YARDSTICKS = (
     "sliced in the pilot's distance",
     "sliced breaks the pilot's ties",
     "ties switch no more",
-    "ties within 1.4",
+    f"ties within {WIDE_TIE}",
 )
-#: the wider tie of the last yardstick
-WIDE_TIE = 1.4
 
 
 class Network:
