@@ -1,5 +1,5 @@
 """Which yardstick should the default's pilot rank its candidates by? A replay on mixture cells and
-trained networks: the pilot's choice against the choices six other yardsticks make on the same
+trained networks: the pilot's choice against the choices seven other yardsticks make on the same
 draws, each measured as the tables measure it.
 
     python benchmarks/pilot_yardsticks.py --nfe 5   # 90 cells under DDPM, VP and cosine, 10 min
@@ -36,9 +36,9 @@ alone or in the pilot's rule:
   both are distances between distributions, and the sliced W2 is the tables' own;
 - ties switch no more: the pilot's rule, its ties limited to the candidates whose switch error
   is at most the closest's (`pilot.decide` lets a tie exceed it by the tie margin). The moments
-  that decide a tie cannot see switches, and on 704 under VE at NFE 20 and 709 under
-  scaled-linear betas at NFE 10 the tie they chose moved more mass between modes, net, than the
-  closest on 40,000-200,000 draws (`switch_rates.py --candidates`);
+  that decide a tie cannot see switches: on 704 under VE at NFE 20 the tie they chose moved more
+  mass between modes, net, than the closest on 200,000 draws (`switch_rates.py --candidates`),
+  and on 709 under scaled-linear betas at NFE 10, whose components overlap, the closest won too;
 - ties within 1.4: the pilot's rule with a wider tie, WIDE_TIE instead of TIE. On 716 under
   cosine at NFE 20 the choice's trapezoidal twin lies 10% past the tie margin with better
   moments, and reads 0.68x the choice's flow W2 on 20,000 draws (`switch_rates.py`).
