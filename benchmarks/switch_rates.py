@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         switched = d2 > (jump / 2) ** 2
         rate = float(switched.double().mean())
         moved = torch.zeros(mixture.num_components, mixture.num_components, dtype=torch.long)
-        to = (flow_modes[switched], mixture.component_of(x[switched]))
+        to = (flow_modes[switched], mixture.component_of(x)[switched])
         moved.index_put_(to, torch.ones_like(to[0]), accumulate=True)
         net = int((moved - moved.T).clamp(min=0).sum())
         x_blocks = x[: blocks * MIX_SAMPLES].split(MIX_SAMPLES)
