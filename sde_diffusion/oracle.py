@@ -186,7 +186,7 @@ class GaussianMixture:
 
         The variances depend on t alone, so they and their log-determinants are computed once
         per distinct time of the batch (a solver's batch shares one) and gathered."""
-        x = x.reshape(x.shape[0], -1)
+        x = x.reshape(x.shape[0], math.prod(x.shape[1:]))  # also an empty batch
         if x.shape[1] != self.dim:
             raise ValueError(
                 f"x has {x.shape[1]} features per sample, the mixture has D = {self.dim}"

@@ -105,6 +105,18 @@ def test_data_law_methods_are_p0_by_scipy():
     assert len(set(joint.argmax(1))) > 1
 
 
+def test_an_empty_batch_gives_empty_results():
+    """No samples in, none out (a caller labelling only the draws that switched may have none),
+    and a wrong feature count is still named on an empty batch."""
+    gm, sde = _mixture(11, k=4, dim=3), VPSDE()
+    empty = torch.zeros(0, 3, dtype=F64)
+    assert gm.component_of(empty).shape == (0,)
+    assert gm.data_log_prob(empty).shape == (0,)
+    assert gm.score(empty, torch.zeros(0, dtype=F64) + 0.5, sde).shape == (0, 3)
+    with pytest.raises(ValueError, match="2 features per sample, the mixture has D = 3"):
+        gm.component_of(torch.zeros(0, 2, dtype=F64))
+
+
 def test_component_score_is_the_score_of_that_component():
     sde = VPSDE()
     gm = _mixture(2, k=3, dim=2)
