@@ -1,5 +1,5 @@
 """Which yardstick should the default's pilot rank its candidates by? A replay on mixture cells and
-trained networks: the pilot's choice against the choices seven other yardsticks make on the same
+trained networks: the pilot's choice against the choices eight other yardsticks make on the same
 draws, each measured as the tables measure it.
 
     python benchmarks/pilot_yardsticks.py --nfe 5   # 90 cells under DDPM, VP and cosine, 10 min
@@ -41,7 +41,12 @@ alone or in the pilot's rule:
   and on 709 under scaled-linear betas at NFE 10, whose components overlap, the closest won too;
 - ties within 1.4: the pilot's rule with a wider tie, WIDE_TIE instead of TIE. On 716 under
   cosine at NFE 20 the choice's trapezoidal twin lies 10% past the tie margin with better
-  moments, and reads 0.68x the choice's flow W2 on 20,000 draws (`switch_rates.py`).
+  moments, and reads 0.68x the choice's flow W2 on 20,000 draws (`switch_rates.py`);
+- twins tie within 1.4: the pilot's ties, each joined by its twins (members that differ from it
+  in their last step to sigma = 0 alone, Tweedie jump or trapezoid: `Candidate.stem`) that lie
+  within WIDE_TIE, decided by the moments. The last step is where the Tweedie jump collapses the
+  directions whose data variance is below sigma^2, which the moments see and the paired
+  distance barely charges; twins differ there alone, so the wider tie is asked of them only.
 
 Each cell's choices run on the table's x_T (1000 draws, seed X_T_SEED) and on FRESH_SAMPLES
 fresh ones (seed FRESH_SEED) and are scored by the table's own judge; the output is each
@@ -100,6 +105,7 @@ YARDSTICKS = (
     "sliced breaks the pilot's ties",
     "ties switch no more",
     f"ties within {WIDE_TIE}",
+    f"twins tie within {WIDE_TIE}",
 )
 
 
@@ -161,6 +167,8 @@ def choices(problem: Problem | Network, nfe: int) -> dict[str, P.Candidate]:
     paired = {c: pilot.errors[c] for c in finite}
     closest = min(paired, key=paired.__getitem__)
     no_more = {c: e for c, e in paired.items() if switches[c] <= switches[closest]}
+    stems = {c.stem for c in P.ties(paired, switches, floor, P.TIE)}
+    twins = [c for c in P.ties(paired, switches, floor, WIDE_TIE) if c.stem in stems]
     return {
         "pilot": pilot.candidate,
         YARDSTICKS[0]: min(whole, key=whole.__getitem__),
@@ -170,6 +178,7 @@ def choices(problem: Problem | Network, nfe: int) -> dict[str, P.Candidate]:
         YARDSTICKS[4]: P.decide(paired, switches, trimmed.__getitem__, floor),
         YARDSTICKS[5]: P.decide(no_more, switches, pilot.moments.__getitem__, floor),
         YARDSTICKS[6]: P.decide(paired, switches, pilot.moments.__getitem__, floor, WIDE_TIE),
+        YARDSTICKS[7]: min(twins, key=pilot.moments.__getitem__),
     }
 
 

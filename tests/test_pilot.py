@@ -35,6 +35,7 @@ from sde_diffusion.solvers.pilot import (
     pilots,
     run_candidate,
     shared_misses,
+    ties,
     trapezoid_step,
     tweedie_step,
 )
@@ -195,6 +196,7 @@ def test_candidates_that_differ_in_their_last_step_alone_share_one_run_on_the_dr
     x_T = pilot_draws(sde, torch.zeros(1, 4, dtype=torch.float64), 32)
     jump = Candidate("unipc", "data", "quadratic", "half", 2, final="tweedie")
     twins = (jump, replace(jump, final="trapezoid"))
+    assert twins[1].stem == jump.stem == jump != twins[1]
     reference = exact_flow(score, sde, x_T)
     both = choose(score, sde, 10, x_T, reference, twins, arcs=0)
     one = choose(score, sde, 10, x_T, reference, twins[:1], arcs=0)
@@ -511,6 +513,8 @@ def test_the_rule_sends_ties_to_the_moments_unless_they_switch_more():
     assert decide({"a": 1.0, "b": 1.26}, {"a": 0.0, "b": 0.0}, moments) == "a" and not asked
     wider = {"a": 1.0, "b": 1.26, "d": 2.0}  # a tie of 1.4 admits b and leaves out d
     assert decide(wider, dict.fromkeys(wider, 0.0), moments, tie=1.4) == "b"
+    assert ties(wider, dict.fromkeys(wider, 0.0), 0.0, 1.4) == ["a", "b"]
+    assert ties(wider, dict.fromkeys(wider, 0.0), 0.9, 2.0) == ["a"]  # margin above the floor
 
 
 def test_a_switch_on_one_pilot_draw_is_left_to_the_arcs():

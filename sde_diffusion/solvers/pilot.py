@@ -95,6 +95,7 @@ __all__ = [
     "pilots",
     "run_candidate",
     "shared_misses",
+    "ties",
     "trapezoid_step",
     "tweedie_step",
 ]
@@ -199,6 +200,12 @@ class Candidate:
         if self.first_corrector != "exact":
             params["first_corrector"] = self.first_corrector
         return params
+
+    @property
+    def stem(self) -> Candidate:
+        """The member it shares every evaluation with but its last step's: its twin that ends
+        with the Tweedie jump (itself where it has no last step to choose)."""
+        return replace(self, final="tweedie")
 
     def fits(self, steps: int) -> bool:
         """Whether `steps` evaluations leave this candidate at least one step."""
@@ -684,7 +691,7 @@ def choose(
         d2, moments, switches, moment_error, kl = {}, {}, {}, MomentError(reference), {}
         twins: dict[Candidate, list[Candidate]] = {}  # by all but the last step
         for c in fitting:
-            twins.setdefault(replace(c, final="tweedie"), []).append(c)
+            twins.setdefault(c.stem, []).append(c)
         for stem, members in twins.items():
             ts = stem.grid_for(sde, steps)
             finals = [c.final for c in members]
@@ -721,14 +728,20 @@ def decide(
     candidate may meet the flow's jumps that closely, and that floor, exact for none, can
     exceed the distances themselves and make every candidate a tie. (Misses that net out cost
     less than it: where the closest's error lies below the floor, nothing ties with it.)"""
+    tied = ties(errors, switches, floor, tie)
+    return tied[0] if len(tied) == 1 else min(tied, key=moments)
+
+
+def ties(errors: dict[K, float], switches: dict[K, float], floor: float, tie: float) -> list[K]:
+    """The keys `decide` chooses among: an error within `tie` of the smallest, measured above
+    the `floor`, and a switch error that exceeds the closest's by no more than that margin."""
     closest = min(errors, key=errors.__getitem__)
     margin = (tie - 1) * max(errors[closest] - floor, 0.0)
-    ties = [
+    return [
         k
         for k in errors
         if errors[k] <= errors[closest] + margin and switches[k] <= switches[closest] + margin
     ]
-    return ties[0] if len(ties) == 1 else min(ties, key=moments)
 
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
