@@ -49,8 +49,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     tensors |= {f"ema/{k}": v for k, v in tr.ema_model.state_dict().items()}
     tensors["first_batch"], tensors["losses"] = first_batch, torch.tensor(losses)
     save_file(tensors, os.path.join(out, f"rank{rank}.safetensors"))
-    # both ranks done with every collective before either tears its group down: a rank that
-    # exits while its peer's gloo threads still talk to it aborted the peer once (SIGABRT)
+    # both ranks done with every collective before either tears its group down. A worker died
+    # of SIGABRT once at this point; a rank that exits while its peer's gloo threads still talk
+    # to it is the suspected cause
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
