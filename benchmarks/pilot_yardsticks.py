@@ -7,11 +7,11 @@ draws, each measured as the tables measure it.
 
 The pilot (`pilot.choose`) ranks candidates by the paired mean squared distance between their
 samples and the exact flow of the same 256 prior draws, plus a switch error its arcs measure
-(`pilot.Boundaries`). The tables judge a mixture by a distance between distributions, the sliced
-W2 between the samples and the flow's, which does not charge a sample for landing elsewhere in the
-flow's law than the flow sends its draw. The yardsticks replayed here rank by that judge on
-the pilot's own draws instead (`SlicedW2` between each candidate's 256 samples and the flow's),
-alone or in the pilot's rule:
+(`pilot.Boundaries`), and decides its ties by the trimmed sliced W2 (`pilot.tie_distance`). The
+tables judge a mixture by a distance between distributions, the sliced W2 between the samples and
+the flow's, which does not charge a sample for landing elsewhere in the flow's law than the flow
+sends its draw. The yardsticks replayed here rank by that judge on the pilot's own draws instead
+(`SlicedW2` between each candidate's 256 samples and the flow's), alone or in the pilot's rule:
 
 - sliced: the least sliced W2, alone;
 - sliced, capped switches: the least sliced W2 among the candidates whose switch error is at most
@@ -26,14 +26,17 @@ alone or in the pilot's rule:
   elsewhere in the flow's law than their draws' flow, which the paired distance charges and no
   distance between distributions does.
 - sliced in the pilot's distance: the pilot's own rule (`pilot.decide`: the least error, ties
-  within TIE by moments) with its trimmed paired distance replaced by D times the trimmed sliced
+  within TIE by moments, as before) with its trimmed paired distance replaced by D times the trimmed sliced
   W2 squared, plus the switch error as before. The two distances share units (the mean squared
   distance per draw; a small error that keeps each sample by its draw's flow gives both the same
   value), so the switch error, which 256 draws cannot see, weighs the same against either, and
   where it dominates (many steps, modes far apart) the pilot's choice stands;
-- sliced breaks the pilot's ties: the pilot's rule as it is, its ties (errors and switch errors
-  within TIE of the closest's) decided by the least trimmed sliced W2 instead of `MomentError`:
-  both are distances between distributions, and the sliced W2 is the tables' own;
+- moments break the pilot's ties: the pilot's rule as it is, its ties (errors and switch errors
+  within TIE of the closest's) decided by `MomentError` instead of the least trimmed sliced W2
+  (`pilot.tie_distance`). This was the pilot's rule until the replays of
+  benchmarks/pilot_yardsticks.md, made with it, found the sliced W2 the better judge of ties
+  ("sliced breaks the pilot's ties" there); the yardsticks below, and "sliced in the pilot's
+  distance", keep the moments as the pilot's tie-break was then;
 - ties switch no more: the pilot's rule, its ties limited to the candidates whose switch error
   is at most the closest's (`pilot.decide` lets a tie exceed it by the tie margin). The moments
   that decide a tie cannot see switches: on 704 under VE at NFE 20 the tie they chose moved more
@@ -53,7 +56,8 @@ fresh ones (seed FRESH_SEED) and are scored by the table's own judge; the output
 alternative's flow W2 over the pilot choice's, per cell and as geometric means over the cells it
 changes. Cells: the random mixtures (`--random SEED COUNT`, default the twenty of the tables) and
 the mixtures of the suite, held-out and third sets (`--no-sets` leaves those out). NFE 20 takes
-17 minutes; benchmarks/pilot_yardsticks.md holds the three budgets.
+17 minutes; benchmarks/pilot_yardsticks.md holds the three budgets, replayed at 064633e, when the
+pilot's ties went to the moments.
 
 `--ckpt` replays trained networks instead, each scored as its peer table scores it
 (steps_vs_quality_trained.py): the distance to the network's own flow (flow W2 for points, Frechet
@@ -102,7 +106,7 @@ YARDSTICKS = (
     "sliced, capped switches",
     "trimmed, capped switches",
     "sliced in the pilot's distance",
-    "sliced breaks the pilot's ties",
+    "moments break the pilot's ties",
     "ties switch no more",
     f"ties within {WIDE_TIE}",
     f"twins tie within {WIDE_TIE}",
@@ -147,22 +151,18 @@ def choices(problem: Problem | Network, nfe: int) -> dict[str, P.Candidate]:
         for c in pilot.errors
     }
     finite = {c: x for c, x in samples.items() if bool(torch.isfinite(x).all())}
-    d2 = {c: (x - flow).flatten(1).square().sum(1) for c, x in finite.items()}
-    kept = ~P.shared_misses(list(d2.values()), pilot.boundaries)
-    trim = P.TRIM if pilot.boundaries else 0
 
-    def sliced(c: P.Candidate, trimmed: bool) -> float:
-        keep = kept.clone() if trimmed else torch.ones_like(kept)
-        if trimmed and trim:  # the pilot's trim: the candidate's farthest kept draws
-            keep[torch.where(kept, d2[c], -1.0).topk(trim).indices] = False
-        g = torch.Generator().manual_seed(11)
-        return float(SlicedW2(flow[keep], 256, g)(finite[c][keep]))
+    def sliced(x: Tensor) -> float:
+        g = torch.Generator().manual_seed(P.TIE_SEED)
+        return float(SlicedW2(flow, P.TIE_PROJECTIONS, g)(x))
 
     floor = pilot.boundaries.floor if pilot.boundaries else 0.0
     switches = {c: pilot.switches.get(c, 0.0) for c in finite}
     capped = [c for c in finite if switches[c] <= P.TIE * switches[pilot.candidate] + floor]
-    whole = {c: sliced(c, False) for c in finite}
-    trimmed = {c: sliced(c, True) for c in finite}
+    whole = {c: sliced(x) for c, x in finite.items()}
+    trimmed = {c: pilot.sliced[c] for c in finite}
+    moment_error = P.MomentError(flow)
+    moments = {c: moment_error(x) for c, x in finite.items()}
     errors = {c: flow[0].numel() * trimmed[c] ** 2 + switches[c] for c in finite}
     paired = {c: pilot.errors[c] for c in finite}
     closest = min(paired, key=paired.__getitem__)
@@ -174,11 +174,11 @@ def choices(problem: Problem | Network, nfe: int) -> dict[str, P.Candidate]:
         YARDSTICKS[0]: min(whole, key=whole.__getitem__),
         YARDSTICKS[1]: min(capped, key=whole.__getitem__),
         YARDSTICKS[2]: min(capped, key=trimmed.__getitem__),
-        YARDSTICKS[3]: P.decide(errors, switches, pilot.moments.__getitem__, floor),
-        YARDSTICKS[4]: P.decide(paired, switches, trimmed.__getitem__, floor),
-        YARDSTICKS[5]: P.decide(no_more, switches, pilot.moments.__getitem__, floor),
-        YARDSTICKS[6]: P.decide(paired, switches, pilot.moments.__getitem__, floor, WIDE_TIE),
-        YARDSTICKS[7]: min(twins, key=pilot.moments.__getitem__),
+        YARDSTICKS[3]: P.decide(errors, switches, moments.__getitem__, floor),
+        YARDSTICKS[4]: P.decide(paired, switches, moments.__getitem__, floor),
+        YARDSTICKS[5]: P.decide(no_more, switches, moments.__getitem__, floor),
+        YARDSTICKS[6]: P.decide(paired, switches, moments.__getitem__, floor, WIDE_TIE),
+        YARDSTICKS[7]: min(twins, key=moments.__getitem__),
     }
 
 

@@ -23,6 +23,8 @@ from sde_diffusion.solvers.pilot import (
     PILOT_MIN_STEP,
     SHARED_MISSES,
     TIE,
+    TIE_PROJECTIONS,
+    TIE_SEED,
     TRIM,
     AffineLaw,
     Boundaries,
@@ -35,6 +37,7 @@ from sde_diffusion.solvers.pilot import (
     pilots,
     run_candidate,
     shared_misses,
+    tie_distance,
     ties,
     trapezoid_step,
     tweedie_step,
@@ -255,19 +258,30 @@ def test_from_the_smallest_piloted_step_on_the_default_converges_to_the_referenc
     torch.testing.assert_close(on_edm.ts, replace(CONVERGED, grid="edm").grid_for(sde, steps))
 
 
-def test_on_a_multimodal_target_the_error_adds_the_switch_error_and_ties_must_not_switch_more():
+def _sliced_w2(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Sliced W2 between two sets of as many points, on TIE_PROJECTIONS directions from
+    TIE_SEED: each direction's W2 pairs the sorted projections."""
+    g = torch.Generator().manual_seed(TIE_SEED)
+    theta = torch.randn(x.shape[1], TIE_PROJECTIONS, generator=g, dtype=x.dtype)
+    theta = theta / theta.norm(dim=0)
+    px, py = (torch.sort(z @ theta, dim=0).values for z in (x, y))
+    return float((px - py).square().mean().sqrt())
+
+
+def test_on_a_multimodal_target_the_error_adds_the_switch_error_and_ties_go_to_the_sliced_w2():
     """A ring of narrow modes: its flow jumps on most arcs. Each candidate's error is its mean
     squared distance to the flow on the draws (recomputed here) but the shared misses, those
     that every candidate sends at least half the flow's smallest jump away, and its TRIM
-    farthest, plus its switch error; the choice is within TIE of the closest and switches at
-    most the tie margin more."""
+    farthest, plus its switch error; its tie-break is the sliced W2 between its samples and the
+    flow's on those same draws. The choice is within TIE of the closest, switches at most the
+    tie margin more, and is the tie of the least sliced W2."""
     mix, sde = GaussianMixture.ring(k=8, radius=4.0, std=0.3), VPSDE()
     score = mix.score_fn(sde)
     x_T = pilot_draws(sde, torch.zeros(1, 2, dtype=torch.float64), 64)
-    choice = choose(score, sde, 6, x_T)
+    choice = choose(score, sde, 10, x_T)
     assert len(choice.boundaries) >= 8
     reference = exact_flow(score, sde, x_T)
-    outputs = {c: run_candidate(score, sde, x_T, c, c.grid_for(sde, 6)) for c in choice.errors}
+    outputs = {c: run_candidate(score, sde, x_T, c, c.grid_for(sde, 10)) for c in choice.errors}
     dist = {c: (x - reference).pow(2).sum(1) for c, x in outputs.items()}
     jumps = (choice.boundaries.above - choice.boundaries.below).pow(2).sum(1)
     shared = torch.stack(list(dist.values())).min(0).values >= jumps.min() / 4
@@ -277,10 +291,38 @@ def test_on_a_multimodal_target_the_error_adds_the_switch_error_and_ties_must_no
         on_draws = sum(d2[:-TRIM]) / (len(d2) - TRIM)
         assert err == pytest.approx(on_draws + choice.switches[c], rel=1e-9), c.label
         assert choice.switches[c] > 0
+        keep = ~shared
+        keep[torch.where(keep, dist[c], -1.0).topk(TRIM).indices] = False
+        sliced = _sliced_w2(outputs[c][keep], reference[keep])
+        assert choice.sliced[c] == pytest.approx(sliced, rel=1e-9), c.label
     closest = min(choice.errors, key=choice.errors.__getitem__)
     margin = (TIE - 1) * choice.errors[closest]
     assert choice.error <= TIE * choice.errors[closest]
     assert choice.switches[choice.candidate] <= choice.switches[closest] + margin
+    tied = ties(choice.errors, choice.switches, choice.boundaries.floor, TIE)
+    assert len(tied) > 1  # so the tie-break decides
+    assert choice.candidate == min(tied, key=choice.sliced.__getitem__)
+
+
+def test_the_tie_distance_sees_the_law_not_the_pairing():
+    """Samples that are the flow's own, each sent to another draw's place, lie at sliced W2
+    zero from the flow (the paired distance charges them); a sample gone far off counts unless
+    the flow jumps, where it is one of the TRIM farthest and left out; NaN samples are inf."""
+    g = torch.Generator().manual_seed(3)
+    reference = torch.randn(64, 3, generator=g, dtype=torch.float64)
+    kept = torch.ones(64, dtype=torch.bool)
+    shuffled = reference[torch.randperm(64, generator=g)]
+    d2 = (shuffled - reference).square().sum(1)
+    assert float(d2.mean()) > 1.0
+    assert tie_distance(shuffled, reference, kept, d2, None) == pytest.approx(0.0, abs=1e-12)
+    off = reference.clone()
+    off[:TRIM] += 100.0
+    d2 = (off - reference).square().sum(1)
+    assert tie_distance(off, reference, kept, d2, None) > 1.0
+    assert tie_distance(off, reference, kept, d2, True) == pytest.approx(0.0, abs=1e-12)
+    kept[:TRIM] = False  # shared misses are left out too
+    assert tie_distance(off, reference, kept, d2, None) == pytest.approx(0.0, abs=1e-12)
+    assert tie_distance(off * math.nan, reference, kept, d2, None) == math.inf
 
 
 def _step(dim: int):
@@ -366,11 +408,11 @@ def test_each_pair_of_modes_nets_its_own_misses():
 
 def test_the_tie_margin_leaves_out_the_switch_floor():
     """Two candidates 1.0 and 1.3 above a shared switch floor of 10: counted in the margin the
-    floor would tie them (the second has the better moments); left out, the closer wins."""
+    floor would tie them (the second has the better tie-break); left out, the closer wins."""
     errors, switches = {"a": 11.0, "b": 11.3}, {"a": 10.0, "b": 10.0}
-    moments = {"a": 2.0, "b": 1.0}.__getitem__
-    assert decide(errors, switches, moments) == "b"
-    assert decide(errors, switches, moments, floor=10.0) == "a"
+    tiebreak = {"a": 2.0, "b": 1.0}.__getitem__
+    assert decide(errors, switches, tiebreak) == "b"
+    assert decide(errors, switches, tiebreak, floor=10.0) == "a"
 
 
 def test_on_two_narrow_modes_no_candidate_resolves_a_miss_and_the_floor_is_no_tie():
@@ -493,26 +535,26 @@ def test_moment_error_is_the_gaussian_kl_of_a_scaling_in_the_leading_directions(
     assert MomentError(ref)(ref * float("nan")) == math.inf
 
 
-def test_the_rule_sends_ties_to_the_moments_unless_they_switch_more():
+def test_the_rule_sends_ties_to_the_tiebreak_unless_they_switch_more():
     """`decide`, the rule of the pilot and of tune_grid's stop: the smallest error wins unless
-    another lies within TIE of it with better moments and a switch error at most the tie margin
-    (a quarter of the smallest error) above the closest's; the moments are asked of ties only,
-    and not at all when the closest has none. `tie` widens or narrows TIE."""
+    another lies within TIE of it with a better tie-break and a switch error at most the tie
+    margin (a quarter of the smallest error) above the closest's; the tie-break is asked of ties
+    only, and not at all when the closest has none. `tie` widens or narrows TIE."""
     asked: list[str] = []
 
-    def moments(key: str) -> float:
+    def tiebreak(key: str) -> float:
         asked.append(key)
         return {"a": 3.0, "b": 1.0, "c": 0.5, "d": 0.1}[key]
 
     errors = {"a": 1.0, "b": 1.2, "c": 1.24, "d": 2.0}
-    assert decide(errors, dict.fromkeys(errors, 0.0), moments) == "c"
+    assert decide(errors, dict.fromkeys(errors, 0.0), tiebreak) == "c"
     assert sorted(asked) == ["a", "b", "c"]
     switches = {"a": 0.1, "b": 0.3, "c": 0.36, "d": 0.0}  # c's lies 0.26 above a's: over 0.25
-    assert decide(errors, switches, moments) == "b"
+    assert decide(errors, switches, tiebreak) == "b"
     asked.clear()
-    assert decide({"a": 1.0, "b": 1.26}, {"a": 0.0, "b": 0.0}, moments) == "a" and not asked
+    assert decide({"a": 1.0, "b": 1.26}, {"a": 0.0, "b": 0.0}, tiebreak) == "a" and not asked
     wider = {"a": 1.0, "b": 1.26, "d": 2.0}  # a tie of 1.4 admits b and leaves out d
-    assert decide(wider, dict.fromkeys(wider, 0.0), moments, tie=1.4) == "b"
+    assert decide(wider, dict.fromkeys(wider, 0.0), tiebreak, tie=1.4) == "b"
     assert ties(wider, dict.fromkeys(wider, 0.0), 0.0, 1.4) == ["a", "b"]
     assert ties(wider, dict.fromkeys(wider, 0.0), 0.9, 2.0) == ["a"]  # margin above the floor
 

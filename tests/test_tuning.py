@@ -271,7 +271,7 @@ def test_more_starts_find_a_configuration_that_tunes_closer_to_the_flow():
 
 
 def test_the_default_is_tuned_where_the_tuning_draws_would_choose_otherwise():
-    """On an 8-D mixture of components with variances 1e-3 to 1 under DDPM at 20 evaluations,
+    """On an 8-D mixture of components with variances 1e-3 to 1 under DDPM at 10 evaluations,
     the pilot run on these 256 tuning draws picks another configuration than `sample()`'s own
     pilot does (rare mode switches decide both); tune_grid(None) tunes the one `sample()` runs
     (with starts=1, that one alone), so its start is the default itself (its error on the
@@ -283,17 +283,17 @@ def test_the_default_is_tuned_where_the_tuning_draws_would_choose_otherwise():
     mix = GaussianMixture(torch.full((4,), 0.25), means, variances[:, None].expand(4, 8).clone())
     sde = get_sde("ddpm")
     score = mix.score_fn(sde)
-    g = torch.Generator().manual_seed(1022)
+    g = torch.Generator().manual_seed(1023)
     pilot = sde.prior_std() * torch.randn(256, 8, generator=g, dtype=torch.float64)
     reference = exact_flow(score, sde, pilot)
-    own = choose(score, sde, 20, pilot, reference).candidate
-    fit = tune_grid(score, sde, None, 20, pilot, trials=20, starts=1, reference=reference)
-    default = sample(score, sde, pilot[:192], steps=20, return_info=True)
+    own = choose(score, sde, 10, pilot, reference).candidate
+    fit = tune_grid(score, sde, None, 10, pilot, trials=20, starts=1, reference=reference)
+    default = sample(score, sde, pilot[:192], steps=10, return_info=True)
     chosen = default.pilot.candidate
     assert own != chosen
     assert (fit.solver, fit.params, fit.denoise) == (chosen.solver, chosen.params, chosen.denoise)
     distance = _trimmed(default.samples, reference[:192])
-    switches = default.pilot.boundaries.switch_error(lambda x: sample(score, sde, x, steps=20))
+    switches = default.pilot.boundaries.switch_error(lambda x: sample(score, sde, x, steps=10))
     assert fit.initial_error == pytest.approx(distance + switches, rel=1e-9)
     assert fit.holdout_error <= fit.initial_holdout_error
 

@@ -35,9 +35,9 @@ its next closest candidates, each on its own grid. The pilot ranks untuned grids
 configuration tunes best is another question: where mode switches carry the error, one
 configuration's grid may move its jumps onto the flow's while another's barely can (on the 16-D
 mixture of benchmarks/steps_vs_quality.py under VP at 10 evaluations, the benchmark's 256 tuning
-draws, 200 trials: the pilot's choice, picked among ties by its moments, found no grid closer
-than its start on the held-out draws and arcs, 0.29; the candidate closest to the flow on the
-pilot's own draws one at 0.050, and half the flow W2 on the benchmark's x_T). Each start's
+draws, 200 trials: the pilot's choice, then picked among ties by its moments, found no grid
+closer than its start on the held-out draws and arcs, 0.29; the candidate closest to the flow on
+the pilot's own draws one at 0.050, and half the flow W2 on the benchmark's x_T). Each start's
 snapshots give one pick by the rule above, and another start's pick replaces the default's only
 where the two are no tie: among near-equals the moments, asked of more grids, picked a grid 2.3x
 the default's flow W2 (2-D ring in R^16, DDPM, 20 evaluations).
