@@ -7,7 +7,7 @@ draws, each measured as the tables measure it.
 
 The pilot (`pilot.choose`) ranks candidates by the paired mean squared distance between their
 samples and the exact flow of the same 256 prior draws, plus a switch error its arcs measure
-(`pilot.Boundaries`), and decides its ties by the trimmed sliced W2 (`pilot.tie_distance`). The
+(`pilot.Boundaries`), and decides its ties by the trimmed sliced W2 (`pilot.TieDistance`). The
 tables judge a mixture by a distance between distributions, the sliced W2 between the samples and
 the flow's, which does not charge a sample for landing elsewhere in the flow's law than the flow
 sends its draw. The yardsticks replayed here rank by that judge on the pilot's own draws instead
@@ -26,14 +26,14 @@ sends its draw. The yardsticks replayed here rank by that judge on the pilot's o
   elsewhere in the flow's law than their draws' flow, which the paired distance charges and no
   distance between distributions does.
 - sliced in the pilot's distance: the pilot's own rule (`pilot.decide`: the least error, ties
-  within TIE by moments, as before) with its trimmed paired distance replaced by D times the trimmed sliced
-  W2 squared, plus the switch error as before. The two distances share units (the mean squared
+  within TIE by moments, as before) with its trimmed paired distance replaced by D times the
+  trimmed sliced W2 squared, plus the switch error as before. The two distances share units (the mean squared
   distance per draw; a small error that keeps each sample by its draw's flow gives both the same
   value), so the switch error, which 256 draws cannot see, weighs the same against either, and
   where it dominates (many steps, modes far apart) the pilot's choice stands;
 - moments break the pilot's ties: the pilot's rule as it is, its ties (errors and switch errors
   within TIE of the closest's) decided by `MomentError` instead of the least trimmed sliced W2
-  (`pilot.tie_distance`). This was the pilot's rule until the replays of
+  (`pilot.TieDistance`). This was the pilot's rule until the replays of
   benchmarks/pilot_yardsticks.md, made with it, found the sliced W2 the better judge of ties
   ("sliced breaks the pilot's ties" there); the yardsticks below, and "sliced in the pilot's
   distance", keep the moments as the pilot's tie-break was then;

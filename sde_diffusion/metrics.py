@@ -40,9 +40,11 @@ __all__ = [
     "mode_coverage",
     "oracle_metrics",
     "precision_recall",
+    "sliced_w2_projected",
     "sliced_wasserstein",
     "sliced_wasserstein_floor",
     "train_digits_classifier",
+    "unit_directions",
 ]
 
 _BLOCK = 2048  # rows per block in pairwise computations, to bound memory
@@ -85,6 +87,26 @@ def _w2_squared_sorted(xs: Tensor, ys: Tensor) -> Tensor:
     return (widths[:, None] * (xs[ix] - ys[iy]).square()).sum(0)
 
 
+def unit_directions(
+    dim: int,
+    num: int,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """`num` directions uniform on the unit sphere of R^dim, the columns of a (dim, num) tensor:
+    the projections of a sliced distance (`SlicedW2`)."""
+    theta = torch.randn(dim, num, generator=generator, dtype=dtype, device=device)
+    return theta / theta.norm(dim=0, keepdim=True)
+
+
+def sliced_w2_projected(x: Tensor, y: Tensor) -> Tensor:
+    """Sliced W2 between two sample sets from their projections on the same unit directions,
+    (n, P) and (m, P): what `SlicedW2` computes once the sets are projected, for a caller that
+    keeps P numbers per sample instead of the samples."""
+    return _w2_squared_sorted(x.sort(0).values, y.sort(0).values).mean().sqrt()
+
+
 class SlicedW2:
     """Sliced W2 to one fixed reference set y: the directions and y's sorted projections are
     computed once, so scoring many sample sets against it (a benchmark's table) costs one sort
@@ -109,10 +131,7 @@ class SlicedW2:
             raise ValueError(f"num_projections must be a positive integer, got {num_projections}")
         y = _flat(y, "y")
         y = y.to(torch.promote_types(y.dtype, torch.float32))
-        theta = torch.randn(
-            y.shape[1], int(num_projections), generator=generator, dtype=y.dtype, device=y.device
-        )
-        self.theta = theta / theta.norm(dim=0, keepdim=True)
+        self.theta = unit_directions(y.shape[1], int(num_projections), generator, y.dtype, y.device)
         self.levels = levels
         if levels is None:
             self.ys = self._sorted_projections(y)

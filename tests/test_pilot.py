@@ -30,6 +30,7 @@ from sde_diffusion.solvers.pilot import (
     Boundaries,
     Candidate,
     MomentError,
+    TieDistance,
     choose,
     decide,
     exact_flow,
@@ -37,7 +38,6 @@ from sde_diffusion.solvers.pilot import (
     pilots,
     run_candidate,
     shared_misses,
-    tie_distance,
     ties,
     trapezoid_step,
     tweedie_step,
@@ -310,19 +310,24 @@ def test_the_tie_distance_sees_the_law_not_the_pairing():
     the flow jumps, where it is one of the TRIM farthest and left out; NaN samples are inf."""
     g = torch.Generator().manual_seed(3)
     reference = torch.randn(64, 3, generator=g, dtype=torch.float64)
-    kept = torch.ones(64, dtype=torch.bool)
+    tie, kept = TieDistance(reference), torch.ones(64, dtype=torch.bool)
+
+    def distance(x: torch.Tensor, kept: torch.Tensor, jumps: bool) -> float:
+        d2 = (x - reference).square().sum(1)
+        return tie(tie.project(x), kept, d2, jumps)  # any true `boundaries` trims
+
     shuffled = reference[torch.randperm(64, generator=g)]
-    d2 = (shuffled - reference).square().sum(1)
-    assert float(d2.mean()) > 1.0
-    assert tie_distance(shuffled, reference, kept, d2, None) == pytest.approx(0.0, abs=1e-12)
+    assert float((shuffled - reference).square().sum(1).mean()) > 1.0
+    assert distance(shuffled, kept, False) == pytest.approx(0.0, abs=1e-12)
     off = reference.clone()
     off[:TRIM] += 100.0
-    d2 = (off - reference).square().sum(1)
-    assert tie_distance(off, reference, kept, d2, None) > 1.0
-    assert tie_distance(off, reference, kept, d2, True) == pytest.approx(0.0, abs=1e-12)
+    assert distance(off, kept, False) > 1.0
+    assert distance(off, kept, True) == pytest.approx(0.0, abs=1e-12)
     kept[:TRIM] = False  # shared misses are left out too
-    assert tie_distance(off, reference, kept, d2, None) == pytest.approx(0.0, abs=1e-12)
-    assert tie_distance(off * math.nan, reference, kept, d2, None) == math.inf
+    assert distance(off, kept, False) == pytest.approx(0.0, abs=1e-12)
+    assert distance(off * math.nan, kept, False) == math.inf
+    every = torch.ones(64, dtype=torch.bool)
+    assert distance(off, every, False) == pytest.approx(_sliced_w2(off, reference), rel=1e-12)
 
 
 def _step(dim: int):
