@@ -56,8 +56,8 @@ fresh ones (seed FRESH_SEED) and are scored by the table's own judge; the output
 alternative's flow W2 over the pilot choice's, per cell and as geometric means over the cells it
 changes. Cells: the random mixtures (`--random SEED COUNT`, default the twenty of the tables) and
 the mixtures of the suite, held-out and third sets (`--no-sets` leaves those out). NFE 20 takes
-17 minutes; benchmarks/pilot_yardsticks.md holds the three budgets, replayed at 064633e, when the
-pilot's ties went to the moments.
+17 minutes; benchmarks/pilot_yardsticks.md holds the three budgets, replayed while the pilot's
+ties went to the moments (before commit db4e5f0).
 
 `--ckpt` replays trained networks instead, each scored as its peer table scores it
 (steps_vs_quality_trained.py): the distance to the network's own flow (flow W2 for points, Frechet
