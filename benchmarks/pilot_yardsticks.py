@@ -27,10 +27,10 @@ sends its draw. The yardsticks replayed here rank by that judge on the pilot's o
   distance between distributions does.
 - sliced in the pilot's distance: the pilot's own rule (`pilot.decide`: the least error, ties
   within TIE by moments, as before) with its trimmed paired distance replaced by D times the
-  trimmed sliced W2 squared, plus the switch error as before. The two distances share units (the mean squared
-  distance per draw; a small error that keeps each sample by its draw's flow gives both the same
-  value), so the switch error, which 256 draws cannot see, weighs the same against either, and
-  where it dominates (many steps, modes far apart) the pilot's choice stands;
+  trimmed sliced W2 squared, plus the switch error as before. The two distances share units (the
+  mean squared distance per draw; a small error that keeps each sample by its draw's flow gives
+  both the same value), so the switch error, which 256 draws cannot see, weighs the same against
+  either, and where it dominates (many steps, modes far apart) the pilot's choice stands;
 - moments break the pilot's ties: the pilot's rule as it is, its ties (errors and switch errors
   within TIE of the closest's) decided by `MomentError` instead of the least trimmed sliced W2
   (`pilot.TieDistance`). This was the pilot's rule until the replays of
