@@ -151,15 +151,11 @@ def choices(problem: Problem | Network, nfe: int) -> dict[str, P.Candidate]:
         for c in pilot.errors
     }
     finite = {c: x for c, x in samples.items() if bool(torch.isfinite(x).all())}
-
-    def sliced(x: Tensor) -> float:
-        g = torch.Generator().manual_seed(P.TIE_SEED)
-        return float(SlicedW2(flow, P.TIE_PROJECTIONS, g)(x))
-
+    sliced = SlicedW2(flow, P.TIE_PROJECTIONS, torch.Generator().manual_seed(P.TIE_SEED))
     floor = pilot.boundaries.floor if pilot.boundaries else 0.0
     switches = {c: pilot.switches.get(c, 0.0) for c in finite}
     capped = [c for c in finite if switches[c] <= P.TIE * switches[pilot.candidate] + floor]
-    whole = {c: sliced(x) for c, x in finite.items()}
+    whole = {c: float(sliced(x)) for c, x in finite.items()}
     trimmed = {c: pilot.sliced[c] for c in finite}
     moment_error = P.MomentError(flow)
     moments = {c: moment_error(x) for c, x in finite.items()}

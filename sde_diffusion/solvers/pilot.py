@@ -96,6 +96,7 @@ __all__ = [
     "PilotChoice",
     "TieDistance",
     "choose",
+    "counted",
     "decide",
     "end_with",
     "exact_flow",
@@ -537,7 +538,19 @@ def trapezoid_step(score_fn: ScoreFn, sde: SDE, x: Tensor, t: Tensor) -> Tensor:
 def flow_error(x: Tensor, reference: Tensor, boundaries: Boundaries | None = None) -> float:
     """Mean squared distance per sample (inf when x is not finite); where `boundaries` found
     jumps of the flow, without the TRIM farthest samples, whose switches the arcs count."""
-    return _trimmed_mean(_distance(x, reference) ** 2, boundaries)
+    d2 = _distance(x, reference) ** 2
+    return _trimmed_mean(d2, torch.ones_like(d2, dtype=torch.bool), boundaries)
+
+
+def counted(d2: Tensor, kept: Tensor, boundaries: Boundaries | None) -> Tensor:
+    """The draws whose error the pilot's distance counts: the `kept` ones (not `shared_misses`)
+    less, where the flow jumps, the TRIM farthest of them by the squared distances d2, whose
+    switches the arcs count."""
+    if not boundaries:
+        return kept
+    keep = kept.clone()
+    keep[torch.where(kept, d2, -1.0).topk(TRIM).indices] = False
+    return keep
 
 
 class TieDistance:
@@ -559,25 +572,21 @@ class TieDistance:
     def __call__(
         self, projected: Tensor, kept: Tensor, d2: Tensor, boundaries: Boundaries | None
     ) -> float:
-        """The sliced W2 between the samples of these projections and the flow's, on the `kept`
-        draws (not `shared_misses`) less, where the flow jumps, the samples' TRIM farthest of
-        them by their squared distances d2: the draws whose error the pilot's distance counts.
-        inf where the samples are not finite."""
+        """The sliced W2 between the samples of these projections and the flow's, on the draws
+        whose error the pilot's distance counts (`counted`; d2: the samples' squared distances
+        to the flow). inf where the samples are not finite."""
         if not bool(torch.isfinite(projected).all()):
             return math.inf
-        keep = kept.cpu()
-        if boundaries:
-            keep = keep.clone()
-            keep[torch.where(keep, d2.cpu(), -1.0).topk(TRIM).indices] = False
+        keep = counted(d2, kept, boundaries).cpu()
         return float(sliced_w2_projected(projected[keep], self.reference[keep]))
 
 
-def _trimmed_mean(d2: Tensor, boundaries: Boundaries | None) -> float:
-    """`flow_error` of the squared distances d2."""
+def _trimmed_mean(d2: Tensor, kept: Tensor, boundaries: Boundaries | None) -> float:
+    """The mean of the squared distances d2 over the `counted` draws (inf where one is not
+    finite)."""
     if not bool(torch.isfinite(d2).all()):
         return math.inf
-    trim = TRIM if boundaries else 0
-    return float(d2.sort().values[: len(d2) - trim].mean())
+    return float(d2[counted(d2, kept, boundaries)].mean())
 
 
 def shared_misses(d2: Sequence[Tensor], boundaries: Boundaries | None) -> Tensor:
@@ -754,7 +763,7 @@ def choose(
     if law is not None:
         best = min(fitting, key=kl.__getitem__)
         return PilotChoice(best, kl, sliced, checked.nfe, evaluations, switches, law=law)
-    errors = {c: _trimmed_mean(d2[c][kept], boundaries) + switches[c] for c in fitting}
+    errors = {c: _trimmed_mean(d2[c], kept, boundaries) + switches[c] for c in fitting}
     best = decide(errors, switches, sliced.__getitem__, boundaries.floor if boundaries else 0.0)
     return PilotChoice(best, errors, sliced, checked.nfe, evaluations, switches, boundaries)
 
